@@ -1,0 +1,3 @@
+"""prefopt: Direct Preference Optimization for Hugging Face causal language models."""
+
+__version__ = "0.1.0"
