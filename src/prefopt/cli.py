@@ -1,0 +1,113 @@
+"""The ``prefopt`` command: one entry point, one sub-command per job.
+
+Training sub-commands take their flags from the config dataclass (``--micro-batch-size`` is the field
+``micro_batch_size``), a ``--config run.yaml`` file, or both (flags given on the command line win).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .config import DPOConfig, TrainConfig, _base_type, field_docs, field_types, load_config
+from .errors import PrefoptError
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig]) -> None:
+    """One flag per config field; defaults are suppressed so that only flags given override the YAML."""
+    parser.add_argument("--config", help="YAML file of options (flags on the command line override it)")
+    docs = field_docs(cls)
+    defaults = cls()
+    for name, tp in field_types(cls).items():
+        base, _ = _base_type(tp)
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        help_ = f"{docs.get(name, '')} (default: {default})".strip()
+        if base is bool:
+            parser.add_argument(flag, dest=name, nargs="?", const=True, default=argparse.SUPPRESS,
+                                metavar="BOOL", help=help_)
+        else:
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_)
+
+
+def config_from_args(cls: type[TrainConfig], args: argparse.Namespace) -> TrainConfig:
+    names = set(field_types(cls))
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    return load_config(cls, getattr(args, "config", None), overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sub-commands
+
+
+def cmd_dpo(args: argparse.Namespace) -> int:
+    from .train.dpo import train_dpo
+
+    train_dpo(config_from_args(DPOConfig, args))
+    return 0
+
+
+def cmd_model_init(args: argparse.Namespace) -> int:
+    from .models import init_model
+
+    path = init_model(args.size, args.output_dir, corpus=args.corpus, vocab_size=args.vocab_size, seed=args.seed)
+    info = (Path(path) / "prefopt_model.json").read_text()
+    print(f"wrote a '{args.size}' model to {path}\n{info}")
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run_quickstart
+
+    run_quickstart(args.output_dir, steps=args.max_steps, size=args.size, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefopt", description="Direct Preference Optimization for causal LMs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("dpo", help="train a causal LM on preference data with DPO or a related loss",
+                       description="Train with DPO (or cdpo, robust, ipo, ipo_per_token, hinge, plackett_luce).")
+    add_config_flags(p, DPOConfig)
+    p.set_defaults(func=cmd_dpo)
+
+    # [anchor: sft/rm sub-commands]
+    # [anchor: ppo sub-command]
+    # [anchor: generate/label/score sub-commands]
+
+    p = sub.add_parser("model", help="make models: 'prefopt model init'")
+    msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    q = msub.add_parser("init", help="build a small Llama-style model and train its byte-level BPE tokenizer")
+    q.add_argument("--size", default="tiny", help="tiny, small or medium (default: tiny)")
+    q.add_argument("--output-dir", required=True)
+    q.add_argument("--corpus", help="text file for the tokenizer, one document a line (default: built-in text)")
+    q.add_argument("--vocab-size", type=int, default=None, help="tokenizer vocabulary cap (default 4096)")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_model_init)
+
+    p = sub.add_parser("quickstart", help="the built-in demo: a small model, generated pairs, a short DPO run")
+    p.add_argument("--output-dir", default="runs/quickstart")
+    p.add_argument("--max-steps", type=int, default=60)
+    p.add_argument("--size", default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], Any] = args.func
+    try:
+        return int(func(args) or 0)
+    except PrefoptError as e:
+        print(f"prefopt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

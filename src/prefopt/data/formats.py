@@ -1,0 +1,204 @@
+"""Turn raw rows of the supported preference formats into validated PreferenceExamples.
+
+Formats (detected from the first row, or named):
+
+* ``explicit``: ``{prompt, chosen, rejected}``; strings, or message lists (prompt = messages before the answer).
+* ``conversational``: ``{chosen: [messages], rejected: [messages]}``; the prompt is the shared prefix before the
+  last assistant message.
+* ``implicit``: Anthropic HH transcripts ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``; the prompt runs up to and
+  including the last ``"\\n\\nAssistant:"`` marker, which both transcripts must share exactly.
+* ``ranked``: ``{prompt, responses, ranks}`` (1 = best) or ``{prompt, responses, scores}`` (higher = better).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError, DataError
+from .load import iter_rows_lenient
+from .types import PreferenceExample, Text
+
+FORMATS = ("explicit", "conversational", "implicit", "ranked")
+HH_MARKER = "\n\nAssistant:"
+
+
+def detect_format(row: dict, source: str | None = None) -> str:
+    """Name the format of one raw row, or raise DataError."""
+    if "responses" in row and ("ranks" in row or "scores" in row):
+        return "ranked"
+    if "chosen" in row and "rejected" in row:
+        if "prompt" in row:
+            return "explicit"
+        return "conversational" if isinstance(row["chosen"], list) else "implicit"
+    raise DataError(f"cannot detect the format from keys {sorted(row)}; expected prompt/chosen/rejected, "
+                    "chosen/rejected, or prompt/responses/ranks|scores", source=source, reason="unknown_format")
+
+
+def to_example(row: dict, source: str, fmt: str) -> PreferenceExample:
+    """Validate one raw row of format ``fmt`` and build its PreferenceExample (raises DataError)."""
+    if fmt == "explicit" or (fmt == "conversational" and "prompt" in row):
+        prompt = _text(row, "prompt", source)
+        responses = [_text(row, "chosen", source), _text(row, "rejected", source)]
+    elif fmt == "conversational":
+        prompt, responses = _split_conversations(row, source)
+    elif fmt == "implicit":
+        prompt, responses = _split_transcripts(row, source)
+    elif fmt == "ranked":
+        prompt, responses = _text(row, "prompt", source), _ranked(row, source)
+    else:
+        raise ConfigError(f"unknown data format '{fmt}'; choose one of: auto, {', '.join(FORMATS)}")
+    kinds = {isinstance(t, list) for t in [prompt, *responses]}
+    if len(kinds) > 1:
+        raise DataError("mixes plain text and message lists; use strings everywhere or messages everywhere",
+                        source=source, field="prompt", reason="wrong_type")
+    for i, a in enumerate(responses):
+        if any(a == b for b in responses[i + 1:]):
+            raise DataError("responses are identical, nothing to prefer", source=source,
+                            field="responses" if fmt == "ranked" else "chosen", reason="identical_responses")
+    return PreferenceExample(prompt=prompt, responses=responses, source=source)
+
+
+def _get(row: dict, name: str, source: str) -> Any:
+    if name not in row or row[name] is None:
+        raise DataError(f"missing (row has {sorted(row)})", source=source, field=name, reason="missing_field")
+    return row[name]
+
+
+def _text(row: dict, name: str, source: str, value: Any = None) -> Text:
+    """A non-empty string or a non-empty list of {role, content} messages."""
+    value = _get(row, name, source) if value is None else value
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError("is empty", source=source, field=name, reason="empty_field")
+        return value
+    if isinstance(value, list):
+        if not value:
+            raise DataError("is an empty message list", source=source, field=name, reason="empty_field")
+        for m in value:
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise DataError(f"messages must be {{'role': str, 'content': str}}, got {m!r:.80}", source=source,
+                                field=name, reason="wrong_type")
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise DataError(f"must be a string or a list of messages, got {type(value).__name__}", source=source,
+                    field=name, reason="wrong_type")
+
+
+def _split_conversations(row: dict, source: str) -> tuple[Text, list[Text]]:
+    convs = {name: _text(row, name, source) for name in ("chosen", "rejected")}
+    parts = {}
+    for name, conv in convs.items():
+        if not isinstance(conv, list):
+            raise DataError("must be a list of messages (no prompt field given)", source=source, field=name,
+                            reason="wrong_type")
+        last = max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=-1)
+        if last <= 0:
+            raise DataError("needs a prompt message followed by an assistant message", source=source, field=name,
+                            reason="missing_field")
+        parts[name] = (conv[:last], conv[last:])
+    prompt = parts["chosen"][0]
+    if parts["rejected"][0] != prompt:
+        raise DataError("conversations differ before the last assistant message; cannot split a shared prompt",
+                        source=source, field="rejected", reason="diverging")
+    return prompt, [parts["chosen"][1], parts["rejected"][1]]
+
+
+def _split_transcripts(row: dict, source: str) -> tuple[str, list[str]]:
+    prompts, responses = [], []
+    for name in ("chosen", "rejected"):
+        text = _text(row, name, source)
+        if not isinstance(text, str):
+            raise DataError("must be a transcript string", source=source, field=name, reason="wrong_type")
+        cut = text.rfind(HH_MARKER)
+        if cut < 0:
+            raise DataError(f"has no {HH_MARKER!r} marker", source=source, field=name, reason="missing_marker")
+        cut += len(HH_MARKER)
+        prompts.append(text[:cut])
+        responses.append(text[cut:])
+        if not text[cut:].strip():
+            raise DataError("response after the last Assistant marker is empty", source=source, field=name,
+                            reason="empty_field")
+    if prompts[0] != prompts[1]:
+        raise DataError("chosen and rejected transcripts differ before their last Assistant turn",
+                        source=source, field="rejected", reason="diverging")
+    return prompts[0], responses
+
+
+def _ranked(row: dict, source: str) -> list[Text]:
+    responses = _get(row, "responses", source)
+    if not isinstance(responses, list):
+        raise DataError("must be a list", source=source, field="responses", reason="wrong_type")
+    if len(responses) < 2:
+        raise DataError(f"needs at least 2 responses, got {len(responses)}", source=source, field="responses",
+                        reason="too_few_responses")
+    responses = [_text(row, f"responses[{i}]", source, r) for i, r in enumerate(responses)]
+    key = "ranks" if "ranks" in row else "scores"
+    values = _get(row, key, source)
+    if not (isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             for v in values)):
+        raise DataError("must be a list of numbers", source=source, field=key, reason="wrong_type")
+    if len(values) != len(responses):
+        raise DataError(f"has {len(values)} entries for {len(responses)} responses", source=source, field=key,
+                        reason="length_mismatch")
+    if len(set(values)) != len(values):
+        raise DataError(f"has ties {values}; tied responses cannot be ranked", source=source, field=key,
+                        reason="ties")
+    order = sorted(range(len(values)), key=lambda i: values[i], reverse=key == "scores")
+    return [responses[i] for i in order]
+
+
+@dataclass
+class LoadReport:
+    """What load_preferences read: counts of loaded and skipped rows (by reason, with a few example sources)."""
+
+    source: str
+    format: str | None = None
+    loaded: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add_skip(self, err: DataError, keep: int = 3) -> None:
+        self.skipped[err.reason] += 1
+        if len(self.examples.setdefault(err.reason, [])) < keep:
+            self.examples[err.reason].append(err.source or "?")
+
+    def summary(self) -> str:
+        total = self.loaded + sum(self.skipped.values())
+        text = f"loaded {self.loaded} of {total} rows from {self.source} (format: {self.format})"
+        if self.skipped:
+            parts = [f"{r}={n} (e.g. {', '.join(self.examples[r])})" for r, n in self.skipped.most_common()]
+            text += f"; skipped {sum(self.skipped.values())}: " + "; ".join(parts)
+        return text
+
+    __str__ = summary
+
+
+def load_preferences(path: Any, *, format: str = "auto", split: str | None = None, skip_bad: bool = False,
+                     limit: int | None = None) -> tuple[list[PreferenceExample], LoadReport]:
+    """Load a preference dataset (file, saved dataset dir, hub name, ``datasets.Dataset`` or list of dicts).
+
+    The format is detected from the first readable row unless named. Without ``skip_bad`` the first bad row
+    raises DataError; with it, bad rows are skipped and counted in the report. ``limit`` caps loaded examples.
+    """
+    if format != "auto" and format not in FORMATS:
+        raise ConfigError(f"unknown data format '{format}'; choose one of: auto, {', '.join(FORMATS)}")
+    label = str(path) if isinstance(path, (str, os.PathLike)) else type(path).__name__
+    report = LoadReport(source=label, format=None if format == "auto" else format)
+    examples = []
+    for row, source in iter_rows_lenient(path, split):
+        if limit is not None and len(examples) >= limit:
+            break
+        try:
+            if isinstance(row, DataError):
+                raise row
+            if report.format is None:
+                report.format = detect_format(row, source)
+            examples.append(to_example(row, source, report.format))
+        except DataError as e:
+            if not skip_bad:
+                raise
+            report.add_skip(e)
+    report.loaded = len(examples)
+    return examples, report

@@ -1,0 +1,1 @@
+"""Training: the shared loop (loop.py), run set-up (setup.py) and one module per method."""

@@ -1,0 +1,98 @@
+"""What every training run loads before its first step: tokenizer, data (checked and tokenized), model.
+
+Data problems are found here, before any model is loaded, and reported with file, line and field.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from ..config import TrainConfig
+from ..data import load_preferences, tokenize_examples
+from ..data.types import TokenizedExample
+from ..errors import ConfigError
+from ..models import apply_lora, disable_dropout, load_model, load_tokenizer, make_reference
+
+
+@dataclass
+class RunInputs:
+    model: torch.nn.Module
+    tokenizer: Any
+    train_items: list[TokenizedExample]
+    eval_items: list[TokenizedExample] = field(default_factory=list)
+    reference: torch.nn.Module | None = None
+
+
+def load_preference_items(cfg: TrainConfig, tokenizer: Any, accelerator: Accelerator
+                          ) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+    """Train and eval preference examples, tokenized with exact prompt/response boundaries."""
+
+    def load(path: str, what: str) -> list[TokenizedExample]:
+        examples, report = load_preferences(path, format=cfg.data_format, split=cfg.split,
+                                            skip_bad=cfg.skip_bad_rows)
+        accelerator.print(f"{what}: {report.summary()}")
+        items, tok_report = tokenize_examples(examples, tokenizer, max_length=cfg.max_length,
+                                              max_prompt_length=cfg.max_prompt_length)
+        if tok_report.truncated or tok_report.dropped:
+            accelerator.print(f"{what}: {tok_report.summary()}")
+        if not items:
+            raise ConfigError(f"{what}: no usable examples in {path}.")
+        return items
+
+    train_items = load(cfg.data, "train data")
+    eval_items: list[TokenizedExample] = []
+    if cfg.eval_data:
+        eval_items = load(cfg.eval_data, "eval data")
+    elif cfg.eval_fraction > 0:
+        order = list(range(len(train_items)))
+        random.Random(cfg.seed).shuffle(order)
+        n_eval = max(1, round(cfg.eval_fraction * len(order)))
+        held = set(order[:n_eval])
+        eval_items = [x for i, x in enumerate(train_items) if i in held]
+        train_items = [x for i, x in enumerate(train_items) if i not in held]
+    return train_items, eval_items
+
+
+def load_policy(cfg: TrainConfig, *, with_reference: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The trainable model (LoRA-wrapped if asked) and, if asked, a frozen reference made before wrapping."""
+    model = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    reference = None
+    if with_reference:
+        ref_path = getattr(cfg, "ref_model", None)
+        reference = make_reference(model, ref_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code) \
+            if ref_path else make_reference(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if cfg.lora:
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           target_modules=cfg.lora_target_modules)
+    return model, reference
+
+
+def load_run_inputs(cfg: TrainConfig, accelerator: Accelerator, *, kind: str = "preferences") -> RunInputs:
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if kind != "preferences":
+        raise ValueError(f"unknown run kind {kind!r}")
+    train_items, eval_items = load_preference_items(cfg, tokenizer, accelerator)
+    needs_ref = not getattr(cfg, "reference_free", False) and not (cfg.lora and not getattr(cfg, "ref_model", None))
+    model, reference = load_policy(cfg, with_reference=needs_ref)
+    return RunInputs(model, tokenizer, train_items, eval_items, reference)
+
+
+def save_model_and_tokenizer(model: torch.nn.Module, tokenizer: Any, output_dir: Path) -> None:
+    """The final model as plain transformers safetensors (LoRA adapters merged; adapters also kept)."""
+    output_dir = Path(output_dir)
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(output_dir / "adapter", safe_serialization=True)
+        model = model.merge_and_unload()
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
