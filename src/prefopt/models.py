@@ -134,7 +134,7 @@ def _read_corpus(corpus) -> tuple[list[str], str]:
 # --------------------------------------------------------------------------------------------- model
 
 @contextmanager
-def _no_progress_bars():
+def quiet_progress_bars():
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
@@ -170,7 +170,7 @@ def init_model(size: str, output_dir, *, corpus=None, vocab_size: int | None = N
     model = LlamaForCausalLM(config)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with _no_progress_bars():
+    with quiet_progress_bars():
         model.save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)
     info = {
@@ -190,13 +190,14 @@ def load_model(path, *, dtype="float32", trust_remote_code: bool = False, device
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else DTYPES.get(dtype)
     if torch_dtype not in DTYPES.values():
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path),
-        dtype=torch_dtype,  # transformers 5 name (torch_dtype= is deprecated)
-        trust_remote_code=trust_remote_code,
-        use_safetensors=None if allow_pickle else True,
-        weights_only=True,
-    )
+    with quiet_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=torch_dtype,  # transformers 5 name (torch_dtype= is deprecated)
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+            weights_only=True,
+        )
     return model.to(device) if device is not None else model
 
 

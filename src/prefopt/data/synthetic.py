@@ -18,10 +18,11 @@ TITLE_WORDS = ["Silent", "Golden", "Hidden", "Broken", "Last", "Distant", "Crims
 TITLE_NOUNS = ["River", "Garden", "Station", "Kingdom", "Letter", "Harbor", "Machine", "Forest", "Summer", "Bridge"]
 KINDS = ["film", "book", "album", "play", "game"]
 ASPECTS = ["story", "music", "pacing", "ending", "writing", "acting", "humor", "design", "dialogue", "mood"]
+# positive and negative words pair up by index with similar lengths, so chosen/rejected lengths match
 POS_VERBS = ["loved", "enjoyed", "adored", "admired", "treasured"]
-NEG_VERBS = ["hated", "disliked", "resented", "regretted", "endured"]
+NEG_VERBS = ["hated", "disliked", "loathed", "detested", "regretted"]
 POS_ADJS = ["wonderful", "brilliant", "charming", "delightful", "superb", "moving", "clever", "beautiful"]
-NEG_ADJS = ["dreadful", "tedious", "clumsy", "annoying", "awful", "boring", "shallow", "painful"]
+NEG_ADJS = ["dreadful", "tiresome", "annoying", "depressing", "boring", "clumsy", "stupid", "miserable"]
 MAX_RESPONSES = 4  # one sentiment level per number of positive slots (verb, adjective, adjective): 3, 2, 1, 0
 
 
@@ -68,6 +69,7 @@ def synthetic_text(n_lines: int, seed: int = 0) -> list[str]:
 def write_jsonl(examples: Iterable[PreferenceExample], path: str | Path) -> Path:
     """Write explicit rows {prompt, chosen, rejected}, or ranked rows {prompt, responses, ranks} when K > 2."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for ex in examples:
             if len(ex.responses) == 2:

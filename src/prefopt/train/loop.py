@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig, save_config
 from ..errors import ConfigError
+from ..models import quiet_progress_bars
 
 
 @dataclass
@@ -189,7 +190,8 @@ class Checkpointer:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            accelerator.unwrap_model(model).save_pretrained(tmp / "model", safe_serialization=True)
+            with quiet_progress_bars():
+                accelerator.unwrap_model(model).save_pretrained(tmp / "model", safe_serialization=True)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         accelerator.wait_for_everyone()

@@ -17,7 +17,7 @@ from ..config import TrainConfig
 from ..data import load_preferences, tokenize_examples
 from ..data.types import TokenizedExample
 from ..errors import ConfigError
-from ..models import apply_lora, disable_dropout, load_model, load_tokenizer, make_reference
+from ..models import apply_lora, disable_dropout, load_model, load_tokenizer, make_reference, quiet_progress_bars
 
 
 @dataclass
@@ -78,7 +78,19 @@ def load_policy(cfg: TrainConfig, *, with_reference: bool) -> tuple[torch.nn.Mod
     return model, reference
 
 
+def check_model_path(name: str, what: str = "model") -> None:
+    """A local-looking path that does not exist is an error here, not a confusing hub lookup later."""
+    p = Path(name).expanduser()
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or p.suffix in (".json", ".safetensors")
+    if looks_local and not p.exists():
+        raise ConfigError(f"{what} not found: {name} (give a folder written by save_pretrained, e.g. by "
+                          f"'prefopt model init', or a hub name when online)")
+
+
 def load_run_inputs(cfg: TrainConfig, accelerator: Accelerator, *, kind: str = "preferences") -> RunInputs:
+    check_model_path(cfg.model)
+    if getattr(cfg, "ref_model", None):
+        check_model_path(cfg.ref_model, "ref_model")
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if kind != "preferences":
         raise ValueError(f"unknown run kind {kind!r}")
@@ -91,8 +103,9 @@ def load_run_inputs(cfg: TrainConfig, accelerator: Accelerator, *, kind: str = "
 def save_model_and_tokenizer(model: torch.nn.Module, tokenizer: Any, output_dir: Path) -> None:
     """The final model as plain transformers safetensors (LoRA adapters merged; adapters also kept)."""
     output_dir = Path(output_dir)
-    if hasattr(model, "peft_config"):
-        model.save_pretrained(output_dir / "adapter", safe_serialization=True)
-        model = model.merge_and_unload()
-    model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
+    with quiet_progress_bars():
+        if hasattr(model, "peft_config"):
+            model.save_pretrained(output_dir / "adapter", safe_serialization=True)
+            model = model.merge_and_unload()
+        model.save_pretrained(output_dir, safe_serialization=True)
+        tokenizer.save_pretrained(output_dir)

@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny model built locally (never from the hub) and small preference files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+HH_SAMPLE = SHARED_DATA / "hh-rlhf" / "harmless-base-sample.jsonl.gz"
+RT_POLARITY = SHARED_DATA / "rt-polarity"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from prefopt.data import synthetic_text
+    from prefopt.models import init_model
+
+    return init_model("tiny", tmp_path_factory.mktemp("tiny") / "model", corpus=synthetic_text(800), seed=0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_pairs(tmp_path_factory) -> Path:
+    from prefopt.data import make_synthetic_preferences, write_jsonl
+
+    return write_jsonl(make_synthetic_preferences(64, seed=0), tmp_path_factory.mktemp("data") / "pairs.jsonl")
+
+
+@pytest.fixture
+def hh_sample() -> Path:
+    if not HH_SAMPLE.is_file():
+        pytest.skip(f"shared HH-RLHF sample not found at {HH_SAMPLE} (it lives in ../shared/data beside the repo)")
+    return HH_SAMPLE

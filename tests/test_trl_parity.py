@@ -1,0 +1,322 @@
+"""Parity with TRL's ``DPOTrainer`` (TRL 1.16): the same tiny model, reference and preference rows through TRL
+and through prefopt must give the same losses, implicit rewards and policy log-probs.
+
+How TRL 1.16 is driven (no training step is taken):
+
+* ``DPOTrainer(model=..., ref_model=..., args=DPOConfig(...), train_dataset=Dataset, processing_class=tok)``
+  tokenizes the dataset at construction time (``trainer.train_dataset`` then holds ``prompt_ids``,
+  ``chosen_ids``, ``rejected_ids``), and ``trainer.data_collator`` pads a list of those rows into
+  ``input_ids``/``attention_mask``/``completion_mask`` with all chosen rows first, then all rejected rows,
+  right-padded -- the same response-major layout as ``prefopt.data.collate_preferences``.
+* ``trainer.compute_loss(trainer.model, batch)`` returns the batch-MEAN loss and appends batch means of
+  ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen`` and
+  ``logps/rejected`` to ``trainer._metrics[mode]`` (mode is "eval" here: the model is not in train mode).
+  TRL exposes no per-example values, so per-example parity is checked by feeding TRL one-example batches
+  (which also checks that prefopt's padded batch agrees with unpadded sequences); the whole-batch parity
+  is checked on a batch from ``trainer.get_train_dataloader()`` against prefopt's batch means.
+* TRL patches ``forward`` of the models it is given (a fused, chunked LM head that returns per-token
+  log-probs) and writes the pad id into their configs, so it gets deep copies; prefopt's own models stay
+  untouched. The fused head computes the same float32 log-softmax in chunks: differences are rounding only.
+
+Tokenization conventions (plain-text rows), and why both sides see identical ids here:
+
+* BOS: TRL tokenizes ``prompt`` and ``prompt + completion`` with the tokenizer's default special tokens, so
+  a tokenizer that adds BOS gets exactly one BOS at the start; prefopt prepends BOS once when the tokenizer
+  normally adds one. The tiny tokenizer adds none (both sides then have no BOS); a BOS-adding variant of it
+  is checked too.
+* EOS: TRL appends the ``eos_token`` *string* to chosen/rejected unless the text already ends with it;
+  prefopt appends the EOS *id* unless the ids already end with it. Same ids.
+* Boundary: TRL tokenizes prompt+completion jointly and lets the completion start where that diverges from
+  the tokenized prompt; prefopt tokenizes prompt and completion separately. They agree whenever the tokenizer
+  does not merge across the join -- true here because every completion starts with a space (byte-level BPE
+  pre-splits words before a space). Rows that merge across the join (e.g. "Hello" + "world") would differ.
+* Truncation: ``max_length=None`` on both sides, so nothing is cut.
+* Conversational rows are NOT identical: with a chat template that puts text after EOS (here "</s>\\n"),
+  TRL scores those trailing template tokens as completion tokens while prefopt ends the response at EOS.
+  ``test_conversational_rows_differ_only_by_template_text_after_eos`` pins that difference.
+
+Loss correspondences: prefopt ``sigmoid``/``robust``/``hinge`` = TRL ``sigmoid``/``robust``/``hinge``;
+prefopt ``ipo_per_token`` = TRL ``ipo`` (TRL divides each log-ratio by its completion length). TRL 1.16's
+``sigmoid`` ignores ``label_smoothing``, so conservative DPO (prefopt ``cdpo``) has no direct TRL loss; on a
+single pair TRL's ``aot``/``aot_unpaired`` (which sort log-ratios across the batch, a no-op for one pair)
+reduce exactly to the cDPO formula and are used for it.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+trl = pytest.importorskip(
+    "trl", minversion="1.16",
+    reason="TRL >= 1.16 is needed for the TRL parity tests (install the test extra: pip install -e '.[test]')")
+datasets = pytest.importorskip("datasets")
+
+from prefopt.data import tokenize_examples  # noqa: E402
+from prefopt.data.types import PreferenceExample  # noqa: E402
+from prefopt.models import init_model, load_model, load_tokenizer  # noqa: E402
+from prefopt.train.dpo import DPO, live_reference, make_collate  # noqa: E402
+
+# Prompts end without whitespace and every completion starts with a space, so byte-level BPE cannot merge
+# tokens across the prompt/completion join (see the module docstring). Lengths differ, so batches are padded.
+ROWS = [
+    dict(prompt="What is the red house?",
+         chosen=" Sure! The house is red, and Alice built it at home.", rejected=" No."),
+    dict(prompt="Why is the quiet river?",
+         chosen=" It is quiet.", rejected=" I think Bob fixed a quiet river; however, the cat was happy."),
+    dict(prompt="Alice found the tiny cat near the lake.",
+         chosen=" The cat has 12 parts.", rejected=" The cat has 99 parts!"),
+    dict(prompt="Can you describe the bright garden?",
+         chosen=" A bright garden after dinner.", rejected=" The garden is bright"),
+]
+N = len(ROWS)
+NOISE_STD = 0.05  # reference = policy + N(0, 0.05^2) on every weight: rewards of order 0.1-1 at beta = 0.5
+
+# log-probs are ~ -30 to -110; rewards ~ 0.1-3; losses ~ 0.1-30
+RTOL, ATOL = 1e-5, 1e-5
+
+# (case id, prefopt loss, TRL loss_type, beta, label_smoothing)
+CASES = [
+    ("sigmoid", "sigmoid", "sigmoid", 0.5, 0.0),
+    ("robust", "robust", "robust", 0.5, 0.1),
+    ("ipo", "ipo_per_token", "ipo", 0.5, 0.0),
+    # beta = 1 puts one pair past the hinge (beta * h > 1, loss 0) and three before it
+    ("hinge", "hinge", "hinge", 1.0, 0.0),
+]
+IPO_REWARDS_XFAIL = pytest.mark.xfail(
+    strict=True,
+    reason="metric semantics differ: TRL 1.16 reports rewards = beta * (pi - ref) summed over tokens for every "
+           "loss type including 'ipo', while prefopt's ipo_per_token reports length-normalised rewards "
+           "beta * (pi - ref) / len (losses and log-probs agree)")
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return init_model("tiny", tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir):
+    return load_tokenizer(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_dir):
+    return load_model(tiny_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def reference(policy):
+    ref = copy.deepcopy(policy)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(NOISE_STD * torch.randn(p.shape, generator=g))
+    return ref.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def items(tokenizer):
+    examples = [PreferenceExample(r["prompt"], [r["chosen"], r["rejected"]], source=f"rows[{i}]")
+                for i, r in enumerate(ROWS)]
+    out, report = tokenize_examples(examples, tokenizer)
+    assert report.kept == N and report.truncated == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def make_trainer(tmp_path_factory, policy, reference, tokenizer):
+    """DPOTrainer factory (cached per config) over deep copies of the policy and reference."""
+    cache: dict = {}
+
+    def make(loss_type: str, beta: float, label_smoothing: float = 0.0, *, rows=ROWS, tok=None):
+        key = (loss_type, beta, label_smoothing, id(rows), id(tok))
+        if key not in cache:
+            args = trl.DPOConfig(
+                output_dir=str(tmp_path_factory.mktemp("trl")), report_to="none", use_cpu=True,
+                bf16=False, fp16=False,  # DPOConfig defaults bf16 to True
+                gradient_checkpointing=False,  # DPOConfig defaults it to True
+                per_device_train_batch_size=len(rows), max_length=None, disable_dropout=True,
+                loss_type=[loss_type], beta=beta, label_smoothing=label_smoothing, seed=0,
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cache[key] = trl.DPOTrainer(
+                    model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                    train_dataset=datasets.Dataset.from_list(list(rows)),
+                    processing_class=tok if tok is not None else tokenizer)
+        return cache[key]
+
+    return make
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def prefopt_step(loss: str, beta: float, label_smoothing: float, policy, reference, items, tokenizer):
+    """Per-example losses and metrics ([B] tensors) from prefopt's DPO method on one padded batch."""
+    batch = make_collate(tokenizer.pad_token_id)(items)
+    with torch.no_grad():
+        res = DPO(loss, beta, live_reference(reference), label_smoothing=label_smoothing).step(policy, batch)
+    return {"loss": res.losses.detach(), **{k: v.detach() for k, v in res.metrics.items()}}
+
+
+METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+               "logps/chosen", "logps/rejected")
+
+
+def trl_step(trainer, batch) -> dict[str, float]:
+    """TRL's loss (batch mean) and the batch-mean metrics it logs for this batch, via compute_loss."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = trainer.compute_loss(trainer.model, batch)
+    mode = "train" if trainer.model.training else "eval"
+    logged = trainer._metrics[mode]
+    return {"loss": float(loss), **{k: logged[k][-1] for k in METRIC_KEYS}}
+
+
+def trl_single_rows(trainer) -> dict[str, torch.Tensor]:
+    """Per-example TRL values: each row of the (ordered) tokenized dataset as a batch of one."""
+    per = [trl_step(trainer, trainer.data_collator([trainer.train_dataset[i]])) for i in range(N)]
+    return {k: torch.tensor([p[k] for p in per], dtype=torch.float64) for k in per[0]}
+
+
+def close(actual, expected, what: str) -> None:
+    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float64),
+                               torch.as_tensor(expected, dtype=torch.float64), rtol=RTOL, atol=ATOL, msg=lambda m:
+                               f"{what}: prefopt and TRL disagree\n{m}")
+
+
+# ------------------------------------------------------------------------------------------------ tokenization
+
+
+def _bos_adding(tokenizer):
+    """A copy of the tiny tokenizer whose default encoding prepends BOS (like Llama's)."""
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tokenizer)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tok.bos_token} $A", pair=f"{tok.bos_token} $A $B",
+        special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    assert tok("hi")["input_ids"][0] == tok.bos_token_id
+    assert tok("hi", add_special_tokens=False)["input_ids"][0] != tok.bos_token_id
+    return tok
+
+
+@pytest.mark.parametrize("with_bos", [False, True], ids=["no_bos", "bos"])
+def test_trl_sees_the_same_token_ids(with_bos, tokenizer, make_trainer):
+    tok = _bos_adding(tokenizer) if with_bos else tokenizer
+    examples = [PreferenceExample(r["prompt"], [r["chosen"], r["rejected"]]) for r in ROWS]
+    ours, _ = tokenize_examples(examples, tok)
+    trainer = make_trainer("sigmoid", 0.5, tok=tok)
+    for ex, row in zip(ours, trainer.train_dataset):
+        assert ex.prompt_ids == row["prompt_ids"]
+        assert ex.response_ids == [row["chosen_ids"], row["rejected_ids"]]
+        assert (ex.prompt_ids[0] == tok.bos_token_id) is with_bos
+        assert tok.bos_token_id not in ex.prompt_ids[1:]
+        assert all(r[-1] == tok.eos_token_id and tok.eos_token_id not in r[:-1] for r in ex.response_ids)
+
+    # the padded batches are the same tensors too: TRL's completion_mask is prefopt's loss_mask
+    ours_batch = make_collate(tok.pad_token_id)(ours)
+    theirs = trainer.data_collator([trainer.train_dataset[i] for i in range(N)])
+    assert torch.equal(theirs["input_ids"], ours_batch["input_ids"])
+    assert torch.equal(theirs["attention_mask"], ours_batch["attention_mask"])
+    assert torch.equal(theirs["completion_mask"].bool(), ours_batch["loss_mask"])
+
+
+def test_conversational_rows_differ_only_by_template_text_after_eos(tokenizer, make_trainer):
+    """A known convention difference, pinned: TRL scores what the chat template renders after EOS.
+
+    The tiny chat template ends every turn with "</s>\\n". TRL's completion is the full rendering minus the
+    prompt rendering, so it includes the "\\n" after EOS; prefopt ends the response at EOS and drops it.
+    Log-probs of conversational data therefore differ by those trailing tokens.
+    """
+    rows = [dict(prompt=[{"role": "user", "content": "What is the red house?"}],
+                 chosen=[{"role": "assistant", "content": "A house."}],
+                 rejected=[{"role": "assistant", "content": "No idea at all."}])]
+    trainer = make_trainer("sigmoid", 0.5, rows=rows)
+    row = trainer.train_dataset[0]
+    ours, _ = tokenize_examples([PreferenceExample(rows[0]["prompt"], [rows[0]["chosen"], rows[0]["rejected"]])],
+                                tokenizer)
+    tail = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert ours[0].prompt_ids == row["prompt_ids"]
+    assert ours[0].response_ids[0] + tail == row["chosen_ids"]
+    assert ours[0].response_ids[1] + tail == row["rejected_ids"]
+
+
+# ------------------------------------------------------------------------------------------------ losses
+
+
+def test_reference_really_differs_from_policy(policy, reference, items, tokenizer):
+    """Guard for the parity tests: with a reference equal to the policy every reward would be 0."""
+    out = prefopt_step("sigmoid", 0.5, 0.0, policy, reference, items, tokenizer)
+    assert out["rewards/chosen"].abs().min() > 0.05 and out["rewards/rejected"].abs().min() > 0.02
+    assert 0 < out["rewards/accuracies"].sum() < N  # some pairs ranked right, some wrong
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_loss_and_logps_match_trl_per_example(case, policy, reference, items, tokenizer, make_trainer):
+    _, loss, trl_loss, beta, eps = case
+    ours = prefopt_step(loss, beta, eps, policy, reference, items, tokenizer)
+    theirs = trl_single_rows(make_trainer(trl_loss, beta, eps))
+    for key in ("loss", "logps/chosen", "logps/rejected"):
+        close(ours[key], theirs[key], f"{case[0]} {key}")
+    if loss == "hinge":  # both sides of the hinge are exercised
+        assert (ours["loss"] == 0).sum() >= 1 and (ours["loss"] > 0).sum() >= 1
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_loss_and_logps_match_trl_on_a_whole_batch(case, policy, reference, items, tokenizer, make_trainer):
+    """TRL's own dataloader batch (padded, shuffled order: only batch means are compared)."""
+    _, loss, trl_loss, beta, eps = case
+    ours = prefopt_step(loss, beta, eps, policy, reference, items, tokenizer)
+    trainer = make_trainer(trl_loss, beta, eps)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 2 * N
+    theirs = trl_step(trainer, batch)
+    for key in ("loss", "logps/chosen", "logps/rejected"):
+        close(ours[key].mean(), theirs[key], f"{case[0]} mean {key}")
+
+
+REWARD_CASES = [pytest.param(*c, id=c[0], marks=IPO_REWARDS_XFAIL if c[0] == "ipo" else ()) for c in CASES]
+
+
+@pytest.mark.parametrize("name, loss, trl_loss, beta, eps", REWARD_CASES)
+def test_rewards_match_trl(name, loss, trl_loss, beta, eps, policy, reference, items, tokenizer, make_trainer):
+    ours = prefopt_step(loss, beta, eps, policy, reference, items, tokenizer)
+    trainer = make_trainer(trl_loss, beta, eps)
+    per_example = trl_single_rows(trainer)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        close(ours[key], per_example[key], f"{name} {key}")
+    whole = trl_step(trainer, next(iter(trainer.get_train_dataloader())))
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        close(ours[key].mean(), whole[key], f"{name} mean {key}")
+
+
+@pytest.mark.parametrize("trl_loss", ["aot", "aot_unpaired"])
+def test_cdpo_matches_trl_aot_on_single_pairs(trl_loss, policy, reference, items, tokenizer, make_trainer):
+    """cDPO: -(1-eps) log sigma(beta h) - eps log sigma(-beta h). TRL's aot/aot_unpaired apply exactly this to
+    log-ratio margins after sorting them across the batch; for a batch of one pair the sort is the identity."""
+    beta, eps = 0.5, 0.2
+    ours = prefopt_step("cdpo", beta, eps, policy, reference, items, tokenizer)
+    theirs = trl_single_rows(make_trainer(trl_loss, beta, eps))
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        close(ours[key], theirs[key], f"cdpo vs TRL {trl_loss} {key}")
+    plain = prefopt_step("sigmoid", beta, 0.0, policy, reference, items, tokenizer)
+    assert (ours["loss"] - plain["loss"]).abs().min() > 1e-3  # the smoothing really changes the loss
+
+
+def test_trl_sigmoid_ignores_label_smoothing(policy, reference, items, tokenizer, make_trainer):
+    """Why cdpo is not compared with TRL 'sigmoid' + label_smoothing: TRL 1.16 silently ignores it there."""
+    beta, eps = 0.5, 0.2
+    theirs = trl_single_rows(make_trainer("sigmoid", beta, eps))
+    close(prefopt_step("sigmoid", beta, 0.0, policy, reference, items, tokenizer)["loss"], theirs["loss"],
+          "TRL sigmoid with label_smoothing vs prefopt sigmoid")
+    cdpo = prefopt_step("cdpo", beta, eps, policy, reference, items, tokenizer)["loss"]
+    assert (cdpo.double() - theirs["loss"]).abs().max() > 1e-3
