@@ -135,9 +135,9 @@ def make_trainer(tmp_path_factory, policy, reference, tokenizer):
     """DPOTrainer factory (cached per config) over deep copies of the policy and reference."""
     cache: dict = {}
 
-    def make(loss_type: str, beta: float, label_smoothing: float = 0.0, *, rows=ROWS, tok=None):
-        key = (loss_type, beta, label_smoothing, id(rows), id(tok))
-        if key not in cache:
+    def build(loss_type: str, beta: float, label_smoothing: float, rows, tok):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. transformers 5 renaming gradient_checkpointing
             args = trl.DPOConfig(
                 output_dir=str(tmp_path_factory.mktemp("trl")), report_to="none", use_cpu=True,
                 bf16=False, fp16=False,  # DPOConfig defaults bf16 to True
@@ -145,12 +145,18 @@ def make_trainer(tmp_path_factory, policy, reference, tokenizer):
                 per_device_train_batch_size=len(rows), max_length=None, disable_dropout=True,
                 loss_type=[loss_type], beta=beta, label_smoothing=label_smoothing, seed=0,
             )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                cache[key] = trl.DPOTrainer(
-                    model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
-                    train_dataset=datasets.Dataset.from_list(list(rows)),
-                    processing_class=tok if tok is not None else tokenizer)
+            trainer = trl.DPOTrainer(
+                model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                train_dataset=datasets.Dataset.from_list(list(rows)), processing_class=tok)
+        assert not trainer.args.bf16 and not trainer.args.gradient_checkpointing
+        return trainer
+
+    def make(loss_type: str, beta: float, label_smoothing: float = 0.0, *, rows=ROWS, tok=None):
+        if rows is not ROWS or tok is not None:  # only trainers over the default rows and tokenizer are cached
+            return build(loss_type, beta, label_smoothing, rows, tok or tokenizer)
+        key = (loss_type, beta, label_smoothing)
+        if key not in cache:
+            cache[key] = build(loss_type, beta, label_smoothing, rows, tokenizer)
         return cache[key]
 
     return make
@@ -173,11 +179,12 @@ METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards
 
 def trl_step(trainer, batch) -> dict[str, float]:
     """TRL's loss (batch mean) and the batch-mean metrics it logs for this batch, via compute_loss."""
+    logged = trainer._metrics["train" if trainer.model.training else "eval"]  # the mode TRL logs under
+    before = {k: len(logged[k]) for k in METRIC_KEYS}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loss = trainer.compute_loss(trainer.model, batch)
-    mode = "train" if trainer.model.training else "eval"
-    logged = trainer._metrics[mode]
+    assert all(len(logged[k]) == before[k] + 1 for k in METRIC_KEYS), "TRL logged no metrics for this batch"
     return {"loss": float(loss), **{k: logged[k][-1] for k in METRIC_KEYS}}
 
 
@@ -188,9 +195,9 @@ def trl_single_rows(trainer) -> dict[str, torch.Tensor]:
 
 
 def close(actual, expected, what: str) -> None:
-    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float64),
-                               torch.as_tensor(expected, dtype=torch.float64), rtol=RTOL, atol=ATOL, msg=lambda m:
-                               f"{what}: prefopt and TRL disagree\n{m}")
+    torch.testing.assert_close(
+        torch.as_tensor(actual, dtype=torch.float64), torch.as_tensor(expected, dtype=torch.float64),
+        rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: prefopt and TRL disagree\n{m}")
 
 
 # ------------------------------------------------------------------------------------------------ tokenization

@@ -75,8 +75,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_dpo)
 
     # [anchor: sft/rm sub-commands]
+    from .config import RMConfig, SFTConfig
+
+    def cmd_sft(args: argparse.Namespace) -> int:
+        from .train.sft import train_sft
+
+        train_sft(config_from_args(SFTConfig, args))
+        return 0
+
+    def cmd_rm(args: argparse.Namespace) -> int:
+        from .train.rm import train_rm
+
+        train_rm(config_from_args(RMConfig, args))
+        return 0
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on prompt/response, conversation or text data",
+                       description="Supervised fine-tuning: NLL of the response tokens (prompt tokens masked). "
+                                   "--from-preferences trains on the chosen responses of preference data.")
+    add_config_flags(p, SFTConfig)
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("rm", help="train a Bradley-Terry reward model on preference pairs",
+                       description="Train a reward model (a scalar head on a causal LM) with "
+                                   "-log sigmoid(r_chosen - r_rejected); saved for AutoModelForSequenceClassification.")
+    add_config_flags(p, RMConfig)
+    p.set_defaults(func=cmd_rm)
+
     # [anchor: ppo sub-command]
+    from .config import PPOConfig
+
+    def cmd_ppo(args: argparse.Namespace) -> int:
+        from .train.ppo import train_ppo
+
+        train_ppo(config_from_args(PPOConfig, args))
+        return 0
+
+    p = sub.add_parser("ppo", help="RLHF with PPO: sample, score with a reward model or function, KL-penalised "
+                                   "clipped updates (the DPO paper's baseline)",
+                       description="PPO-RLHF (Ziegler et al. 2019): prompts from --data, reward from --reward-model "
+                                   "or --reward-fn, per-token KL penalty against the initial policy, GAE, clipped "
+                                   "policy and value losses. One step = one rollout batch + ppo_epochs of updates.")
+    add_config_flags(p, PPOConfig)
+    p.set_defaults(func=cmd_ppo)
+
     # [anchor: generate/label/score sub-commands]
+    from .config import GenerateConfig, LabelConfig, ScoreConfig
+
+    def _pipeline_command(module: str, func: str, cls: type) -> Callable[[argparse.Namespace], int]:
+        def run(args: argparse.Namespace) -> int:
+            import importlib
+
+            getattr(importlib.import_module(f"prefopt.{module}"), func)(config_from_args(cls, args))
+            return 0
+        return run
+
+    for name, cls, module, func, help_ in (
+        ("generate", GenerateConfig, "generation", "run_generate",
+         "sample responses to prompts (batched, KV-cached, reproducible per seed)"),
+        ("label", LabelConfig, "label", "run_label",
+         "score samples with a reward function or model and write preference pairs or rankings"),
+        ("score", ScoreConfig, "score", "run_score",
+         "implicit rewards beta*(log pi - log pi_ref) of a DPO model, pair accuracy, optional RM comparison"),
+    ):
+        p = sub.add_parser(name, help=help_, description=" ".join((cls.__doc__ or help_).split()))
+        add_config_flags(p, cls)  # type: ignore[arg-type]
+        p.set_defaults(func=_pipeline_command(module, func, cls))
 
     p = sub.add_parser("model", help="make models: 'prefopt model init'")
     msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)

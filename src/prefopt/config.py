@@ -167,8 +167,270 @@ class DPOConfig(TrainConfig):
 
 # --- method configs added by other modules go below this line (one block each) ---
 # [anchor: sft-rm configs]
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning: next-token NLL on response tokens only (prompt tokens are masked).
+
+    Each example's loss is its summed response NLL divided by its own number of response tokens (the mean
+    per-token NLL of that example); the loop averages these over the examples of a step, so every example
+    weighs the same and gradient accumulation is exact whatever the micro-batch size.
+    """
+
+    data_format: str = "auto"
+    """Row format: auto, explicit ({prompt, response} or {prompt, completion}), conversational ({messages}: every
+    assistant turn is trained), text ({text}: loss on all tokens). With from_preferences: a preference format
+    (auto, explicit, conversational, implicit, ranked)."""
+    from_preferences: bool = False
+    """Train on the chosen responses of a preference file (any format dpo reads): the DPO paper's way to get a
+    reference model when no SFT model exists."""
+
+    def validate(self) -> None:
+        super().validate()
+        from .data.formats import FORMATS
+        from .data.sft import SFT_FORMATS
+
+        formats = FORMATS if self.from_preferences else SFT_FORMATS
+        what = "preference" if self.from_preferences else "SFT"
+        _check(self.data_format in ("auto", *formats), "data_format", self.data_format,
+               f"one of auto, {', '.join(formats)} ({what} data)")
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    """Bradley-Terry reward model: a scalar head on a causal LM, trained with -log sigmoid(r_chosen - r_rejected)."""
+
+    lr: float = 1e-5
+    """Learning rate (the fresh reward head needs more than the policy rate DPO uses)."""
+    optimizer: str = "adamw"
+    """rmsprop or adamw."""
+    center_rewards_coefficient: float = 0.0
+    """Weight of an extra mean(r^2) penalty over the responses of an example, keeping rewards centred on 0
+    (0 disables). Ranked data (K > 2) trains on every ordered pair of its responses."""
+
+    def validate(self) -> None:
+        super().validate()
+        _check(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", self.center_rewards_coefficient,
+               ">= 0 (0 disables)")
+
 # [anchor: ppo config]
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO-RLHF (Ziegler et al. 2019), the baseline of the DPO paper: sample, score, KL-penalise, clip.
+
+    One *step* is one PPO iteration: sample responses to ``rollout_batch_size`` prompts, score them, then run
+    ``ppo_epochs`` passes of minibatch updates (``batch_size`` rollouts per optimizer step, in micro-batches of
+    ``micro_batch_size``). ``max_steps`` counts iterations; without it, ``epochs`` passes over the prompts.
+    ``save_every`` and ``log_every`` count iterations too; ``warmup_steps`` counts optimizer steps.
+    """
+
+    lr: float = 1e-5
+    """Learning rate of the policy and its value head."""
+    optimizer: str = "adamw"
+    """rmsprop or adamw (PPO's usual choice)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up over this many optimizer steps, then constant."""
+    batch_size: int = 16
+    """Rollouts per PPO minibatch (one optimizer step); rollout_batch_size must be a multiple of it."""
+    micro_batch_size: int = 4
+    """Rollouts per forward pass; batch_size must be a multiple of it."""
+
+    reward_model: str | None = None
+    """A reward model written by 'prefopt rm' (scores prompt + response); give this or reward_fn."""
+    reward_fn: str | None = None
+    """A Python reward function 'package.module:function' or 'path/to/file.py:function' taking
+    (prompts, responses) and returning one float per response; give this or reward_model."""
+    kl_coef: float = 0.05
+    """Coefficient of the per-token KL penalty -kl_coef (log pi - log pi_ref) (the initial one if adaptive_kl)."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards target_kl (Ziegler et al. 2019) instead of keeping it fixed."""
+    target_kl: float = 6.0
+    """Target sequence-level KL (nats) of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon (in rollouts) of the adaptive controller: larger changes kl_coef more slowly."""
+    gamma: float = 1.0
+    """Discount factor of the per-token rewards."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """PPO ratio clip epsilon of the policy loss."""
+    cliprange_value: float = 0.2
+    """Clip of the value change around the rollout's values in the value loss."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss."""
+    ppo_epochs: int = 4
+    """Passes of minibatch updates over each rollout batch."""
+    rollout_batch_size: int = 64
+    """Prompts sampled (one response each) per PPO iteration."""
+    max_new_tokens: int = 64
+    """Longest sampled response in tokens (responses end at EOS or here)."""
+    temperature: float = 1.0
+    """Sampling temperature (the log-probs of the PPO update use the same temperature)."""
+    whiten_advantages: bool = True
+    """Normalise the advantages of each rollout batch to mean 0, std 1."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.reward_model and self.reward_fn:  # neither: train_ppo checks (it also takes a Python callable)
+            raise ConfigError("give one of reward_model (--reward-model PATH) and reward_fn "
+                              "(--reward-fn module:function), not both.")
+        if self.reward_fn and ":" not in self.reward_fn:
+            raise ConfigError(f"invalid reward_fn = {self.reward_fn!r}: must be 'module:function' or "
+                              "'path/to/file.py:function'.")
+        _check(self.kl_coef >= 0, "kl_coef", self.kl_coef, ">= 0")
+        if self.adaptive_kl:
+            _check(self.kl_coef > 0, "kl_coef", self.kl_coef, "> 0 with adaptive_kl (it is scaled multiplicatively)")
+        _check(self.target_kl > 0, "target_kl", self.target_kl, "a positive number")
+        _check(self.kl_horizon >= 1, "kl_horizon", self.kl_horizon, "an integer >= 1")
+        _check(0 <= self.gamma <= 1, "gamma", self.gamma, "in [0, 1]")
+        _check(0 <= self.lam <= 1, "lam", self.lam, "in [0, 1]")
+        _check(self.cliprange > 0, "cliprange", self.cliprange, "a positive number")
+        _check(self.cliprange_value > 0, "cliprange_value", self.cliprange_value, "a positive number")
+        _check(self.vf_coef >= 0, "vf_coef", self.vf_coef, ">= 0")
+        _check(self.ppo_epochs >= 1, "ppo_epochs", self.ppo_epochs, "an integer >= 1")
+        _check(self.rollout_batch_size >= 1, "rollout_batch_size", self.rollout_batch_size, "an integer >= 1")
+        _check(self.rollout_batch_size % self.batch_size == 0, "rollout_batch_size", self.rollout_batch_size,
+               f"a multiple of batch_size ({self.batch_size})")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        _check(self.temperature > 0, "temperature", self.temperature, "a positive number")
+
+
 # [anchor: generate/label/score configs]
+DEVICES_HELP = "auto (cuda when available, else cpu), cpu, cuda, cuda:N, mps"
+
+
+def _required(cfg: Any, *names: str) -> None:
+    for name in names:
+        if not getattr(cfg, name):
+            raise ConfigError(f"'{name}' is required (flag --{name.replace('_', '-')} or YAML key {name}).")
+
+
+@dataclass
+class GenerateConfig:
+    """prefopt generate: sample responses to prompts (prefopt.generation)."""
+
+    model: str = ""
+    """Path of the causal LM to sample from (its tokenizer is loaded from the same path)."""
+    prompts: str = ""
+    """Prompts: .txt (one a line) or .jsonl/.json/.parquet rows with a 'prompt' field (text or message list)."""
+    output: str = ""
+    """JSONL file of rows {prompt, response, prompt_index, sample_index, prompt_tokens, response_tokens,
+    ended_with_eos}."""
+    num_samples: int = 1
+    """Responses sampled per prompt."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with this much probability (1 disables)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 disables)."""
+    max_new_tokens: int = 128
+    """Longest response in tokens (responses end at EOS or here)."""
+    seed: int = 0
+    """Each (prompt, sample) gets its own generator seeded from this: same seed, same samples, any batch size."""
+    batch_size: int = 16
+    """Sequences generated together (left-padded, KV-cached)."""
+    dtype: str = "float32"
+    """float32, bfloat16 or float16."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda, cuda:N, mps."""
+    trust_remote_code: bool = False
+    progress: bool = True
+    """Show a progress bar."""
+
+    def validate(self) -> None:
+        _required(self, "model", "prompts", "output")
+        _check(self.num_samples >= 1, "num_samples", self.num_samples, "an integer >= 1")
+        _check(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 means greedy decoding)")
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        _check(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 disables top-k)")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        _check(bool(self.device), "device", self.device, DEVICES_HELP)
+
+
+@dataclass
+class LabelConfig:
+    """prefopt label: score sampled responses and write preference pairs or rankings (prefopt.label)."""
+
+    samples: str = ""
+    """Sample rows {prompt, response} (as written by 'prefopt generate'), grouped by prompt."""
+    output: str = ""
+    """JSONL of pairs {prompt, chosen, rejected, chosen_score, rejected_score}, or with ranking rows
+    {prompt, responses, scores} (best first)."""
+    reward_fn: str | None = None
+    """A Python reward 'module:function' or 'path/to/file.py:function' taking (prompts, responses) and
+    returning one float per response; give this or reward_model."""
+    reward_model: str | None = None
+    """A reward model written by 'prefopt rm'; give this or reward_fn."""
+    ranking: bool = False
+    """Write one ranked row of all distinct responses per prompt (for plackett_luce) instead of pairs."""
+    all_pairs: bool = False
+    """Write every ordered pair of a prompt's responses instead of only best vs worst."""
+    min_margin: float = 0.0
+    """Write a pair only if chosen_score - rejected_score > min_margin (ties are never ordered)."""
+    batch_size: int = 16
+    """Responses scored per reward-model forward pass."""
+
+    def validate(self) -> None:
+        _required(self, "samples", "output")
+        if bool(self.reward_model) == bool(self.reward_fn):
+            raise ConfigError("give exactly one of reward_model (--reward-model PATH) and reward_fn "
+                              "(--reward-fn module:function).")
+        if self.reward_fn and ":" not in self.reward_fn:
+            raise ConfigError(f"invalid reward_fn = {self.reward_fn!r}: must be 'module:function' or "
+                              "'path/to/file.py:function'.")
+        if self.ranking and self.all_pairs:
+            raise ConfigError("ranking and all_pairs exclude each other: ranking writes one row of all responses.")
+        _check(self.min_margin >= 0, "min_margin", self.min_margin, ">= 0")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass
+class ScoreConfig:
+    """prefopt score: the DPO policy as a reward model, beta * (log pi - log pi_ref) (prefopt.score)."""
+
+    model: str = ""
+    """The DPO-trained policy (its tokenizer is used for both models)."""
+    ref_model: str = ""
+    """The reference model the policy was trained against."""
+    data: str = ""
+    """Rows {prompt, response} (e.g. 'prefopt generate' output) or preference data in any format DPO reads;
+    for preference data pair accuracy and mean margin are reported too."""
+    output: str = ""
+    """JSONL of per-row implicit rewards, policy and reference log-probs (and reward-model scores)."""
+    beta: float = 0.1
+    """The beta the policy was trained with."""
+    reward_model: str | None = None
+    """Also score the rows with this reward model ('prefopt rm') to compare with the implicit reward."""
+    data_format: str = "auto"
+    """Row format: auto, explicit, conversational, implicit, ranked."""
+    batch_size: int = 8
+    """Examples per forward pass."""
+    max_length: int | None = None
+    """Truncate as DPO training did (prompt + response tokens); default: no truncation."""
+    max_prompt_length: int | None = None
+    """Longest prompt kept when a row must be truncated (as in DPO training)."""
+    dtype: str = "float32"
+    """float32, bfloat16 or float16."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda, cuda:N, mps."""
+    trust_remote_code: bool = False
+    progress: bool = True
+    """Show a progress bar."""
+
+    def validate(self) -> None:
+        _required(self, "model", "ref_model", "data", "output")
+        _check(self.beta > 0, "beta", self.beta, "a positive number")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _check(self.max_length is None or self.max_length >= 2, "max_length", self.max_length, "an integer >= 2")
+        if self.max_prompt_length is not None:
+            upper = self.max_length - 1 if self.max_length else None
+            _check(self.max_prompt_length >= 1 and (upper is None or self.max_prompt_length <= upper),
+                   "max_prompt_length", self.max_prompt_length,
+                   f"between 1 and max_length - 1 ({upper})" if upper else "an integer >= 1")
+        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        _check(bool(self.device), "device", self.device, DEVICES_HELP)
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

@@ -157,6 +157,9 @@ def find_checkpoint(resume: str, output_dir: Path) -> Path | None:
 
 def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
     """Load weights written by ``save_pretrained`` (full model or peft adapters) into ``model`` in place."""
+    if hasattr(model, "load_saved_weights"):  # a wrapper that saves more than one module (PPO's value head)
+        model.load_saved_weights(directory)
+        return
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors weights in {directory}")

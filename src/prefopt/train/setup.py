@@ -29,16 +29,27 @@ class RunInputs:
     reference: torch.nn.Module | None = None
 
 
-def load_preference_items(cfg: TrainConfig, tokenizer: Any, accelerator: Accelerator
+def load_preference_items(cfg: TrainConfig, tokenizer: Any, accelerator: Accelerator, *, kind: str = "preferences"
                           ) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
-    """Train and eval preference examples, tokenized with exact prompt/response boundaries."""
+    """Train and eval examples, tokenized with exact prompt/response boundaries.
+
+    kind: "preferences" (K >= 2 ranked responses) or "sft" (one target response each, see data/sft.py).
+    """
 
     def load(path: str, what: str) -> list[TokenizedExample]:
-        examples, report = load_preferences(path, format=cfg.data_format, split=cfg.split,
-                                            skip_bad=cfg.skip_bad_rows)
+        if kind == "sft":
+            from ..data.sft import load_sft, tokenize_sft
+
+            examples, report = load_sft(path, format=cfg.data_format, split=cfg.split, skip_bad=cfg.skip_bad_rows,
+                                        from_preferences=getattr(cfg, "from_preferences", False))
+            tokenize = tokenize_sft
+        else:
+            examples, report = load_preferences(path, format=cfg.data_format, split=cfg.split,
+                                                skip_bad=cfg.skip_bad_rows)
+            tokenize = tokenize_examples
         accelerator.print(f"{what}: {report.summary()}")
-        items, tok_report = tokenize_examples(examples, tokenizer, max_length=cfg.max_length,
-                                              max_prompt_length=cfg.max_prompt_length)
+        items, tok_report = tokenize(examples, tokenizer, max_length=cfg.max_length,
+                                     max_prompt_length=cfg.max_prompt_length)
         if tok_report.truncated or tok_report.dropped:
             accelerator.print(f"{what}: {tok_report.summary()}")
         if not items:
@@ -92,10 +103,11 @@ def load_run_inputs(cfg: TrainConfig, accelerator: Accelerator, *, kind: str = "
     if getattr(cfg, "ref_model", None):
         check_model_path(cfg.ref_model, "ref_model")
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    if kind != "preferences":
+    if kind not in ("preferences", "sft"):
         raise ValueError(f"unknown run kind {kind!r}")
-    train_items, eval_items = load_preference_items(cfg, tokenizer, accelerator)
-    needs_ref = not getattr(cfg, "reference_free", False) and not (cfg.lora and not getattr(cfg, "ref_model", None))
+    train_items, eval_items = load_preference_items(cfg, tokenizer, accelerator, kind=kind)
+    needs_ref = kind == "preferences" and not getattr(cfg, "reference_free", False) \
+        and not (cfg.lora and not getattr(cfg, "ref_model", None))
     model, reference = load_policy(cfg, with_reference=needs_ref)
     return RunInputs(model, tokenizer, train_items, eval_items, reference)
 

@@ -1,0 +1,277 @@
+"""Turn sampled responses into preference data: score every response, then pair (or rank) them per prompt.
+
+This is the paper's loop "sample y1, y2 ~ pi_ref(.|x), label with a reward, optimise":
+
+    prefopt generate --model sft --prompts prompts.jsonl --num-samples 4 --output samples.jsonl
+    prefopt label --samples samples.jsonl --reward-fn my_rewards:sentiment --output pairs.jsonl
+    prefopt dpo --model sft --data pairs.jsonl ...
+
+The reward is a Python callable ``module:function`` (or ``path/to/file.py:function``) taking
+``(prompts: list, responses: list[str]) -> list[float]``, or a trained reward model (``prefopt.train.rm``).
+
+Ties are never ordered arbitrarily: a pair whose scores differ by no more than ``min_margin`` (0: any tie) is
+not written, and a prompt whose best and worst responses tie is skipped and counted; in ranking mode a prompt
+with any such tie between neighbours is skipped. Identical response texts of a prompt are kept once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data.formats import _text
+from .data.load import iter_rows
+from .data.types import Text
+from .errors import ConfigError, DataError
+
+RewardFn = Callable[[list, list], Sequence[float]]
+
+
+# ------------------------------------------------------------------------------------ reward callables
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """Import ``module:function`` (dotted module on sys.path) or ``path/to/file.py:function``."""
+    if not isinstance(spec, str) or spec.count(":") < 1 or not spec.rpartition(":")[0] or not spec.rpartition(":")[2]:
+        raise ConfigError(f"invalid reward_fn {spec!r}: expected 'module:function' (e.g. my_rewards:score) or "
+                          "'path/to/file.py:function'.")
+    module_name, _, attr = spec.rpartition(":")
+    if module_name.endswith(".py"):
+        path = Path(module_name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"invalid reward_fn {spec!r}: file {path} not found.")
+        mod_spec = importlib.util.spec_from_file_location(f"prefopt_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
+        try:
+            mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        except Exception as e:
+            raise ConfigError(f"invalid reward_fn {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and module_name.startswith(e.name):
+                raise ConfigError(f"invalid reward_fn {spec!r}: no module named '{module_name}' on the Python path; "
+                                  f"add its directory to PYTHONPATH or give a file: path/to/file.py:{attr}.") from None
+            raise ConfigError(f"invalid reward_fn {spec!r}: importing '{module_name}' failed: {e}") from e
+        except Exception as e:
+            raise ConfigError(f"invalid reward_fn {spec!r}: importing '{module_name}' failed: "
+                              f"{type(e).__name__}: {e}") from e
+    fn = getattr(module, attr, None)
+    if fn is None:
+        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise ConfigError(f"invalid reward_fn {spec!r}: '{module_name}' has no attribute '{attr}'; "
+                          f"callables there: {', '.join(public) or 'none'}.")
+    if not callable(fn):
+        raise ConfigError(f"invalid reward_fn {spec!r}: '{attr}' is a {type(fn).__name__}, not a callable.")
+    return fn
+
+
+def call_reward_fn(fn: RewardFn, prompts: list, responses: list[str], name: str = "reward function") -> list[float]:
+    """Call a reward callable and check it returned one finite number per response."""
+    out = fn(prompts, responses)
+    if hasattr(out, "tolist"):
+        out = out.tolist()
+    try:
+        scores = [float(v) for v in out]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name} must return a list of numbers, got {type(out).__name__}: {e}") from None
+    if len(scores) != len(responses):
+        raise ConfigError(f"{name} returned {len(scores)} scores for {len(responses)} responses.")
+    bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+    if bad:
+        raise ConfigError(f"{name} returned non-finite scores (e.g. response {bad[0]}: {scores[bad[0]]}).")
+    return scores
+
+
+def reward_model_fn(path: str, batch_size: int = 8, device: Any = "auto") -> RewardFn:
+    """A reward callable backed by a trained reward model (``prefopt.train.rm``); device "auto" is cuda when
+    available, else cpu."""
+    import torch
+
+    from .train.rm import load_reward_model, score_texts  # lazy: only needed on this path
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_reward_model(path, device=device)
+
+    def score(prompts: list, responses: list[str]) -> list[float]:
+        return score_texts(model, tokenizer, prompts, responses, batch_size).float().cpu().tolist()
+
+    return score
+
+
+# ---------------------------------------------------------------------------------------- grouping
+
+@dataclass
+class PromptGroup:
+    prompt: Text
+    responses: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+
+
+def read_samples(path: str | Path) -> tuple[list[PromptGroup], int]:
+    """Group sample rows ``{prompt, response}`` by prompt (first-appearance order); identical responses of a
+    prompt are kept once. Returns (groups, number of duplicate responses dropped)."""
+    groups: dict[str, PromptGroup] = {}
+    duplicates = 0
+    for row, source in iter_rows(path):
+        prompt = _text(row, "prompt", source)
+        response = row.get("response")
+        if not isinstance(response, str):
+            raise DataError("missing or not a string (sample rows are {prompt, response} as written by "
+                            "prefopt generate)", source=source, field="response",
+                            reason="missing_field" if response is None else "wrong_type")
+        key = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+        group = groups.setdefault(key, PromptGroup(prompt))
+        if response in group.responses:
+            duplicates += 1
+            continue
+        group.responses.append(response)
+        group.sources.append(source)
+    if not groups:
+        raise DataError("no sample rows", source=str(path), reason="empty_file")
+    return list(groups.values()), duplicates
+
+
+def score_groups(groups: list[PromptGroup], reward_fn: RewardFn, batch_size: int = 256,
+                 name: str = "reward function") -> None:
+    """Fill ``group.scores`` by calling the reward on flat batches of (prompt, response)."""
+    flat = [(g, j) for g in groups for j in range(len(g.responses))]
+    for g in groups:
+        g.scores = [math.nan] * len(g.responses)
+    for start in range(0, len(flat), batch_size):
+        chunk = flat[start:start + batch_size]
+        scores = call_reward_fn(reward_fn, [g.prompt for g, _ in chunk], [g.responses[j] for g, j in chunk], name)
+        for (g, j), s in zip(chunk, scores):
+            g.scores[j] = s
+
+
+# ------------------------------------------------------------------------------------ pairs / ranks
+
+@dataclass
+class LabelReport:
+    prompts: int = 0
+    samples: int = 0
+    duplicates: int = 0
+    """Identical responses of a prompt, kept once."""
+    rows: int = 0
+    """Pairs (or ranked rows) written."""
+    skipped_ties: int = 0
+    """Prompts skipped because their best and worst (ranking: any neighbours) tie within min_margin."""
+    skipped_single: int = 0
+    """Prompts with fewer than 2 distinct responses."""
+    tied_pairs: int = 0
+    """With all_pairs: pairs not written because their scores tie within min_margin."""
+    mode: str = "best-vs-worst pairs"
+
+    def summary(self) -> str:
+        text = (f"labelled {self.samples} samples of {self.prompts} prompts: wrote {self.rows} {self.mode}; "
+                f"skipped {self.skipped_ties} prompts with tied scores and {self.skipped_single} with fewer than 2 "
+                f"distinct responses")
+        if self.duplicates:
+            text += f"; {self.duplicates} duplicate responses dropped"
+        if self.tied_pairs:
+            text += f"; {self.tied_pairs} tied pairs not written"
+        return text
+
+    __str__ = summary
+
+
+def _ordered(group: PromptGroup) -> list[int]:
+    """Indices best first; equal scores keep sample order (ties are then rejected by the margin checks)."""
+    return sorted(range(len(group.responses)), key=lambda j: -group.scores[j])
+
+
+def _answer(prompt: Text, response: str) -> Text:
+    """A response as the data layer expects it next to this prompt (message lists want an assistant turn)."""
+    return [{"role": "assistant", "content": response}] if isinstance(prompt, list) else response
+
+
+def make_rows(groups: list[PromptGroup], *, ranking: bool = False, all_pairs: bool = False,
+              min_margin: float = 0.0) -> tuple[list[dict], LabelReport]:
+    """Preference rows from scored groups, and counts. A pair needs ``chosen - rejected > min_margin``."""
+    if ranking and all_pairs:
+        raise ConfigError("ranking and all_pairs exclude each other: ranking writes one row of all responses.")
+    if min_margin < 0:
+        raise ConfigError(f"invalid min_margin = {min_margin!r}: must be >= 0.")
+    mode = "ranked rows" if ranking else ("pairs (all ordered pairs)" if all_pairs else "best-vs-worst pairs")
+    report = LabelReport(prompts=len(groups), mode=mode)
+    rows: list[dict] = []
+    for g in groups:
+        report.samples += len(g.responses)
+        if len(g.responses) < 2:
+            report.skipped_single += 1
+            continue
+        order = _ordered(g)
+        best, worst = order[0], order[-1]
+        if g.scores[best] - g.scores[worst] <= min_margin:
+            report.skipped_ties += 1
+            continue
+        if ranking:
+            if any(g.scores[a] - g.scores[b] <= min_margin for a, b in zip(order, order[1:])):
+                report.skipped_ties += 1
+                continue
+            rows.append({"prompt": g.prompt, "responses": [_answer(g.prompt, g.responses[j]) for j in order],
+                         "scores": [g.scores[j] for j in order]})
+            continue
+        pairs = [(a, b) for i, a in enumerate(order) for b in order[i + 1:]] if all_pairs else [(best, worst)]
+        for a, b in pairs:
+            if g.scores[a] - g.scores[b] <= min_margin:
+                report.tied_pairs += 1
+                continue
+            rows.append({"prompt": g.prompt, "chosen": _answer(g.prompt, g.responses[a]),
+                         "rejected": _answer(g.prompt, g.responses[b]),
+                         "chosen_score": g.scores[a], "rejected_score": g.scores[b]})
+    report.rows = len(rows)
+    return rows, report
+
+
+def label_samples(samples: str | Path, reward_fn: RewardFn, *, ranking: bool = False, all_pairs: bool = False,
+                  min_margin: float = 0.0, batch_size: int = 256) -> tuple[list[dict], LabelReport]:
+    """Read a samples file, score it with ``reward_fn``, return preference rows and the report."""
+    groups, duplicates = read_samples(samples)
+    score_groups(groups, reward_fn, batch_size=batch_size)
+    rows, report = make_rows(groups, ranking=ranking, all_pairs=all_pairs, min_margin=min_margin)
+    report.duplicates = duplicates
+    report.samples += duplicates
+    return rows, report
+
+
+def write_rows(rows: Sequence[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def run_label(cfg: Any) -> LabelReport:
+    """``prefopt label``: score samples with a reward function or model, write pairs or ranked rows."""
+    cfg.validate()
+    groups, duplicates = read_samples(cfg.samples)  # data errors before any model is loaded
+    if cfg.reward_fn:
+        fn, name = load_reward_fn(cfg.reward_fn), f"reward_fn {cfg.reward_fn}"
+    else:
+        fn, name = reward_model_fn(cfg.reward_model, batch_size=cfg.batch_size), f"reward model {cfg.reward_model}"
+    score_groups(groups, fn, batch_size=cfg.batch_size if not cfg.reward_fn else 1024, name=name)
+    rows, report = make_rows(groups, ranking=cfg.ranking, all_pairs=cfg.all_pairs, min_margin=cfg.min_margin)
+    report.duplicates = duplicates
+    report.samples += duplicates
+    write_rows(rows, cfg.output)
+    print(f"{report.summary()}; output: {cfg.output}")
+    if not rows:
+        print("warning: no rows written (every prompt tied or had a single distinct response)", file=sys.stderr)
+    return report
+
+
+__all__ = ["load_reward_fn", "call_reward_fn", "reward_model_fn", "read_samples", "score_groups", "make_rows",
+           "label_samples", "write_rows", "run_label", "LabelReport", "PromptGroup"]
