@@ -66,8 +66,9 @@ def test_ipo_per_token_closed_form(beta):
     c = [(PC[i] - RC[i]) / LC[i] for i in range(2)]
     r = [(PR[i] - RR[i]) / LR[i] for i in range(2)]
     close(loss, [(c[i] - r[i] - 1 / (2 * beta)) ** 2 for i in range(2)])
-    close(rc, [beta * x for x in c])
-    close(rr, [beta * x for x in r])
+    # rewards stay on summed log-ratios (only the loss is length-normalised)
+    close(rc, [beta * (PC[i] - RC[i]) for i in range(2)])
+    close(rr, [beta * (PR[i] - RR[i]) for i in range(2)])
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.1, 2.0])

@@ -101,9 +101,13 @@ def test_multi_turn_conversation_trains_every_assistant_turn(tmp_path, tok):
     rendered = tok.apply_chat_template(msgs, tokenize=False)
     assert tok.decode(row) == rendered.rstrip("\n")  # the whole conversation, EOS once per turn
     assert tok.decode(items[0].prompt_ids) == "<|system|>\nBe brief.</s>\n<|user|>\nHi there</s>\n<|assistant|>\n"
-    # truncation keeps the mask aligned and drops a row whose trained tokens are all cut
-    short = tokenize_sft([ex], tok, max_length=len(items[0].prompt_ids) + 3, max_prompt_length=8)[0]
-    assert len(short) == 1 and len(short[0].meta["loss_mask"]) == len(short[0].response_ids[0])
+    # truncation: the prompt keeps its end, the response (and its mask) its start
+    full = items[0]
+    (short,), report = tokenize_sft([ex], tok, max_length=len(full.prompt_ids) + 3, max_prompt_length=8)
+    assert report.truncated == 1 and short.prompt_ids == full.prompt_ids[-8:]
+    n = len(short.response_ids[0])
+    assert n == len(full.prompt_ids) + 3 - 8
+    assert short.response_ids[0] == full.response_ids[0][:n] and short.meta["loss_mask"] == full.meta["loss_mask"][:n]
 
 
 # ------------------------------------------------------------------------------------------------- loss
@@ -149,6 +153,7 @@ def test_tiny_model_overfits_tiny_set(tiny, tok, tmp_path):
                     warmup_steps=0, batch_size=8, micro_batch_size=4, max_steps=40, progress=False)
     train_sft(cfg)
     trained = _loss_on(tmp_path / "out", items, tok)
+    print(f"untrained {untrained:.3f} trained {trained:.3f}")
     assert untrained > 5.0  # close to uniform over the vocabulary
     assert trained < 1.5 < untrained / 3, (untrained, trained)
 

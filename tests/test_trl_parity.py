@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -86,11 +87,6 @@ CASES = [
     # beta = 1 puts one pair past the hinge (beta * h > 1, loss 0) and three before it
     ("hinge", "hinge", "hinge", 1.0, 0.0),
 ]
-IPO_REWARDS_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="metric semantics differ: TRL 1.16 reports rewards = beta * (pi - ref) summed over tokens for every "
-           "loss type including 'ipo', while prefopt's ipo_per_token reports length-normalised rewards "
-           "beta * (pi - ref) / len (losses and log-probs agree)")
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -188,10 +184,26 @@ def trl_step(trainer, batch) -> dict[str, float]:
     return {"loss": float(loss), **{k: logged[k][-1] for k in METRIC_KEYS}}
 
 
+_TRL_RESULTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # trainer -> {what: values}, saves time
+
+
 def trl_single_rows(trainer) -> dict[str, torch.Tensor]:
     """Per-example TRL values: each row of the (ordered) tokenized dataset as a batch of one."""
-    per = [trl_step(trainer, trainer.data_collator([trainer.train_dataset[i]])) for i in range(N)]
-    return {k: torch.tensor([p[k] for p in per], dtype=torch.float64) for k in per[0]}
+    memo = _TRL_RESULTS.setdefault(trainer, {})
+    if "rows" not in memo:
+        per = [trl_step(trainer, trainer.data_collator([trainer.train_dataset[i]])) for i in range(N)]
+        memo["rows"] = {k: torch.tensor([p[k] for p in per], dtype=torch.float64) for k in per[0]}
+    return memo["rows"]
+
+
+def trl_whole_batch(trainer) -> dict[str, float]:
+    """TRL's batch-mean values on one batch of its own train dataloader (padded, in shuffled order)."""
+    memo = _TRL_RESULTS.setdefault(trainer, {})
+    if "batch" not in memo:
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert batch["input_ids"].shape[0] == 2 * N  # the whole data set, chosen rows then rejected rows
+        memo["batch"] = trl_step(trainer, batch)
+    return memo["batch"]
 
 
 def close(actual, expected, what: str) -> None:
@@ -283,15 +295,12 @@ def test_loss_and_logps_match_trl_on_a_whole_batch(case, policy, reference, item
     """TRL's own dataloader batch (padded, shuffled order: only batch means are compared)."""
     _, loss, trl_loss, beta, eps = case
     ours = prefopt_step(loss, beta, eps, policy, reference, items, tokenizer)
-    trainer = make_trainer(trl_loss, beta, eps)
-    batch = next(iter(trainer.get_train_dataloader()))
-    assert batch["input_ids"].shape[0] == 2 * N
-    theirs = trl_step(trainer, batch)
+    theirs = trl_whole_batch(make_trainer(trl_loss, beta, eps))
     for key in ("loss", "logps/chosen", "logps/rejected"):
         close(ours[key].mean(), theirs[key], f"{case[0]} mean {key}")
 
 
-REWARD_CASES = [pytest.param(*c, id=c[0], marks=IPO_REWARDS_XFAIL if c[0] == "ipo" else ()) for c in CASES]
+REWARD_CASES = [pytest.param(*c, id=c[0]) for c in CASES]
 
 
 @pytest.mark.parametrize("name, loss, trl_loss, beta, eps", REWARD_CASES)
@@ -301,7 +310,7 @@ def test_rewards_match_trl(name, loss, trl_loss, beta, eps, policy, reference, i
     per_example = trl_single_rows(trainer)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         close(ours[key], per_example[key], f"{name} {key}")
-    whole = trl_step(trainer, next(iter(trainer.get_train_dataloader())))
+    whole = trl_whole_batch(trainer)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         close(ours[key].mean(), whole[key], f"{name} mean {key}")
 

@@ -130,8 +130,8 @@ def ipo_per_token(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, re
     """IPO on length-normalised log-ratios (TRL's convention):
     h' = (pi_c - ref_c)/len_c - (pi_r - ref_r)/len_r,  loss = (h' - 1/(2 beta))^2.
 
-    Rewards are per-token too, beta * (pi - ref) / len, as TRL reports them for IPO; they are
-    therefore not on the same scale as the summed-log-prob rewards of the other losses.
+    Only the loss is length-normalised: the reported rewards are beta * (pi - ref) on summed log-probs, as for
+    every other loss (and as TRL 1.16 reports them for its ``ipo``), so reward metrics compare across losses.
     """
     _no_smoothing("ipo_per_token", label_smoothing)
     if chosen_lengths is None or rejected_lengths is None:
@@ -142,7 +142,9 @@ def ipo_per_token(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, re
         raise ValueError("ipo_per_token lengths must be positive token counts")
     c = (policy_chosen_logps - reference_chosen_logps) / chosen_lengths
     r = (policy_rejected_logps - reference_rejected_logps) / rejected_lengths
-    return (c - r - 1 / (2 * beta)) ** 2, (beta * c).detach(), (beta * r).detach()
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps)
+    return (c - r - 1 / (2 * beta)) ** 2, chosen_rewards.detach(), rejected_rewards.detach()
 
 
 @_register("hinge")

@@ -199,17 +199,18 @@ def load_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
-def reward_model_fn(path: str, device: torch.device, batch_size: int) -> RewardFn:
-    """Score with a reward model written by ``prefopt rm`` (imported lazily: only this path needs it)."""
-    from . import rm
+def reward_model_fn(path: str, device: torch.device, batch_size: int, *, max_length: int | None = None,
+                    max_prompt_length: int | None = None) -> RewardFn:
+    """Score with a reward model written by ``prefopt rm`` (imported lazily: only this path needs it).
 
-    loaded = rm.load_reward_model(path)
-    model, tokenizer = loaded if isinstance(loaded, tuple) else (loaded, load_tokenizer(path))
-    model.to(device).eval()
+    Pairs longer than ``max_length`` are truncated by the training rules before scoring."""
+    from .rm import load_reward_model, score_texts
+
+    model, tokenizer = load_reward_model(path, device=device)
 
     def fn(prompts: list[Text], responses: list[str]) -> list[float]:
-        scores = rm.score_texts(model, tokenizer, prompts, responses, batch_size=batch_size)
-        return [float(s) for s in scores]
+        return score_texts(model, tokenizer, prompts, responses, batch_size, max_length=max_length,
+                           max_prompt_length=max_prompt_length).tolist()
 
     return fn
 
@@ -461,6 +462,8 @@ def train_ppo(cfg: PPOConfig, accelerator: Accelerator | None = None, *,
     set_seed(cfg.seed)
     device = accelerator.device
     output_dir = Path(cfg.output_dir)
+    if reward_fn is None and cfg.reward_fn:  # a bad reward spec fails before anything heavy is loaded
+        reward_fn = load_reward_fn(cfg.reward_fn)
 
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     prompts = load_prompts(cfg.data, cfg.split)
@@ -482,9 +485,8 @@ def train_ppo(cfg: PPOConfig, accelerator: Accelerator | None = None, *,
     total_steps = cfg.max_steps or cfg.epochs * schedule.steps_per_epoch
 
     if reward_fn is None:
-        reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else \
-            reward_model_fn(cfg.reward_model, device, cfg.micro_batch_size)  # type: ignore[arg-type]
-
+        reward_fn = reward_model_fn(cfg.reward_model, device, cfg.micro_batch_size,  # type: ignore[arg-type]
+                                    max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     lm, reference = load_policy(cfg, with_reference=not cfg.lora)
     model = PolicyWithValueHead(lm).to(device)
     if reference is not None:
