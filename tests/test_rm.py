@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 from transformers import AutoModelForSequenceClassification
 
 from prefopt.cli import main
@@ -64,14 +65,15 @@ def test_rm_learns_separable_preferences_and_reloads_with_transformers(tiny, tmp
     held_out = make_synthetic_preferences(32, seed=1)
     eval_data = write_jsonl(held_out, tmp_path / "eval.jsonl")
     tok = load_tokenizer(tiny)
-    torch.manual_seed(0)
-    untrained_acc, _, _ = pair_accuracy(build_reward_model(tiny, tok).eval(), tok, held_out)
-
     out = tmp_path / "rm"
     cfg = RMConfig(model=str(tiny), data=str(train_data), eval_data=str(eval_data), output_dir=str(out), lr=3e-3,
-                   warmup_steps=0, batch_size=16, micro_batch_size=16, max_steps=15, progress=False)
+                   warmup_steps=0, batch_size=16, micro_batch_size=16, max_steps=15, progress=False, seed=1)
+    # the run's exact starting point (train_rm seeds, then builds the head). A random head's accuracy on this set
+    # scatters around 0.5 (0.19 to 0.91 over seeds 0-7); seed 1 starts at 0.47, so any rise is the training's.
+    set_seed(cfg.seed)
+    untrained_acc, _, _ = pair_accuracy(build_reward_model(tiny, tok).eval(), tok, held_out)
+    assert 0.3 <= untrained_acc <= 0.7, untrained_acc
     summary = train_rm(cfg)
-    assert 0.2 <= untrained_acc <= 0.8, untrained_acc  # an untrained head orders pairs about at random
     assert summary["eval"]["eval/accuracy"] > 0.9
 
     plain = AutoModelForSequenceClassification.from_pretrained(out).eval()  # plain transformers, no prefopt code

@@ -146,6 +146,13 @@ class DPOConfig(TrainConfig):
     """Compute the reference log-probs in one pass before training and cache them on disk."""
     cache_dir: str | None = None
     """Where precomputed reference log-probs are cached (default: $PREFOPT_CACHE or ~/.cache/prefopt)."""
+    packing: bool = False
+    """Pack all sequences of a micro-batch into one row (no pad tokens; attention never crosses sequences)."""
+    prefix_sharing: bool = False
+    """Compute each prompt once for its K responses (responses see the prompt, never each other)."""
+    logps_chunk_size: int = 0
+    """Compute log-probs through the LM head this many positions at a time, so the full logits tensor never
+    exists (0: off)."""
 
     def validate(self) -> None:
         super().validate()
@@ -326,7 +333,8 @@ class GenerateConfig:
     max_new_tokens: int = 128
     """Longest response in tokens (responses end at EOS or here)."""
     seed: int = 0
-    """Each (prompt, sample) gets its own generator seeded from this: same seed, same samples, any batch size."""
+    """Each (prompt, sample) gets its own generator seeded from this: same seed, same samples, any batch size
+    (exactly in float32; bf16/fp16 rounding of batched logits can change a few)."""
     batch_size: int = 16
     """Sequences generated together (left-padded, KV-cached)."""
     dtype: str = "float32"

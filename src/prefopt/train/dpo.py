@@ -24,7 +24,7 @@ from ..config import DPOConfig
 from ..data import collate_preferences
 from ..data.types import TokenizedExample
 from ..errors import ConfigError
-from ..logprobs import forward_logps
+from ..logprobs import LogpsFn, forward_logps, logps_fn_from_config
 from ..models import model_fingerprint, reference_mode
 from .loop import StepResult, format_summary, micro_batches, to_device, train
 from .setup import load_run_inputs, save_model_and_tokenizer
@@ -41,14 +41,15 @@ class DPO:
     unit = "pairs"
 
     def __init__(self, loss: str, beta: float, reference: ReferenceFn, *, label_smoothing: float = 0.0,
-                 nll_weight: float = 0.0):
+                 nll_weight: float = 0.0, logps_fn: LogpsFn = forward_logps):
+        self.logps_fn = logps_fn  # how ResponseLogps are computed (plain or a fast path; same numbers)
         self.loss_name, self.loss_fn = loss, L.get_loss(loss)
         self.beta, self.label_smoothing, self.nll_weight = beta, label_smoothing, nll_weight
         self.reference = reference
 
     def step(self, model: torch.nn.Module, batch: dict) -> StepResult:
         k = batch["num_responses"]
-        policy = forward_logps(model, batch).by_example(k)  # [B, K]
+        policy = self.logps_fn(model, batch).by_example(k)  # [B, K]
         with torch.no_grad():
             ref = self.reference(model, batch).to(policy.sum.dtype)
         if self.loss_name == "plackett_luce":
@@ -81,17 +82,18 @@ class DPO:
 # Reference log-probs: four sources, one signature
 
 
-def live_reference(ref_model: torch.nn.Module) -> ReferenceFn:
+def live_reference(ref_model: torch.nn.Module, logps_fn: LogpsFn = forward_logps) -> ReferenceFn:
     """A frozen model of its own (a copy of the initial policy, or --ref-model)."""
-    return lambda policy, batch: forward_logps(ref_model, batch).by_example(batch["num_responses"]).sum
+    return lambda policy, batch: logps_fn(ref_model, batch).by_example(batch["num_responses"]).sum
 
 
-def adapter_reference(unwrap: Callable[[torch.nn.Module], torch.nn.Module]) -> ReferenceFn:
+def adapter_reference(unwrap: Callable[[torch.nn.Module], torch.nn.Module],
+                      logps_fn: LogpsFn = forward_logps) -> ReferenceFn:
     """LoRA: the policy itself with its adapters disabled (no second copy of the weights)."""
 
     def fn(policy: torch.nn.Module, batch: dict) -> Tensor:
         with reference_mode(unwrap(policy)):
-            return forward_logps(policy, batch).by_example(batch["num_responses"]).sum
+            return logps_fn(policy, batch).by_example(batch["num_responses"]).sum
 
     return fn
 
@@ -107,9 +109,16 @@ def zero_reference(policy: torch.nn.Module, batch: dict) -> Tensor:
     return torch.zeros(batch["input_ids"].shape[0] // k, k, device=batch["input_ids"].device)
 
 
-def make_collate(pad_token_id: int) -> Callable[[Sequence[TokenizedExample]], dict]:
+def make_collate(pad_token_id: int, *, packing: bool = False, prefix_sharing: bool = False
+                 ) -> Callable[[Sequence[TokenizedExample]], dict]:
+    """Plain padded batches; with packing / prefix_sharing also the layout the fast paths read (prefopt.packing)."""
+    from ..packing import build_layout
+
     def collate(examples: Sequence[TokenizedExample]) -> dict:
         batch = collate_preferences(list(examples), pad_token_id)
+        if packing or prefix_sharing:
+            batch.update(build_layout(list(examples), packing=packing, prefix_sharing=prefix_sharing,
+                                      pad_token_id=pad_token_id))
         if examples and "reference_logps" in examples[0].meta:
             batch["reference_logps"] = torch.stack([ex.meta["reference_logps"] for ex in examples])
         return batch
@@ -177,13 +186,14 @@ def train_dpo(cfg: DPOConfig, accelerator: Accelerator | None = None) -> dict[st
         raise ConfigError(f"the data ranks {ks.pop()} responses per prompt; use --loss plackett_luce "
                           f"(loss '{cfg.loss}' compares pairs).")
 
+    logps_fn = logps_fn_from_config(cfg)  # plain, or packed / prefix-shared / chunked (issue 5)
     if cfg.reference_free:
         reference: ReferenceFn = zero_reference
     elif cfg.lora and not cfg.ref_model:
-        reference = adapter_reference(accelerator.unwrap_model)
+        reference = adapter_reference(accelerator.unwrap_model, logps_fn)
     else:
-        reference = live_reference(run.reference.to(accelerator.device))
-    collate = make_collate(tokenizer.pad_token_id)
+        reference = live_reference(run.reference.to(accelerator.device), logps_fn)
+    collate = make_collate(tokenizer.pad_token_id, packing=cfg.packing, prefix_sharing=cfg.prefix_sharing)
 
     if cfg.precompute_ref and not cfg.reference_free:
         model_key = model_fingerprint(run.reference if run.reference is not None else policy)
@@ -199,7 +209,8 @@ def train_dpo(cfg: DPOConfig, accelerator: Accelerator | None = None) -> dict[st
         reference = precomputed_reference
         run.reference = None  # the frozen copy is no longer needed: free its memory
 
-    method = DPO(cfg.loss, cfg.beta, reference, label_smoothing=cfg.label_smoothing, nll_weight=cfg.nll_weight)
+    method = DPO(cfg.loss, cfg.beta, reference, label_smoothing=cfg.label_smoothing, nll_weight=cfg.nll_weight,
+                 logps_fn=logps_fn)
     summary = train(cfg, model=policy, method=method, train_items=run.train_items, collate=collate,
                     eval_items=run.eval_items or None, accelerator=accelerator,
                     save_final=lambda out: save_model_and_tokenizer(accelerator.unwrap_model(policy), tokenizer, out),
