@@ -198,7 +198,7 @@ def even_token_reward(tokenizer):
 
 def toy_cfg(model: Path, prompts: Path, out: Path, **kw) -> PPOConfig:
     base = dict(model=str(model), data=str(prompts), output_dir=str(out), lr=3e-3, rollout_batch_size=16,
-                batch_size=8, micro_batch_size=8, ppo_epochs=2, max_new_tokens=6, max_steps=6, progress=False,
+                batch_size=8, micro_batch_size=8, ppo_epochs=4, max_new_tokens=6, max_steps=8, progress=False,
                 seed=0)
     base.update(kw)
     return PPOConfig(**base)
@@ -216,19 +216,19 @@ def test_toy_reward_rises_and_kl_coef_bounds_kl(tiny_model_dir, prompt_file, tmp
 
     reward = even_token_reward(load_tokenizer(tiny_model_dir))
     runs = {}
-    for coef in (0.01, 1.0):
+    for coef in (0.01, 2.0):
         out = tmp_path / f"kl{coef}"
         train_ppo(toy_cfg(tiny_model_dir, prompt_file, out, kl_coef=coef), reward_fn=reward)
         runs[coef] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    weak, strong = runs[0.01], runs[1.0]
+    weak, strong = runs[0.01], runs[2.0]
     assert weak[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the reference itself
     first, last = weak[0]["reward"], sum(r["reward"] for r in weak[-2:]) / 2
     assert last > first + 0.1, [r["reward"] for r in weak]
-    # the KL stays bounded, and a stronger penalty keeps the policy nearer the reference
+    # a weak penalty lets the policy drift (a few nats over 6 tokens); a strong one keeps it near the reference
     kl_weak = sum(r["kl"] for r in weak[-3:]) / 3
     kl_strong = sum(r["kl"] for r in strong[-3:]) / 3
-    assert 0 < kl_weak < 15, [r["kl"] for r in weak]
-    assert kl_strong < kl_weak, (kl_strong, kl_weak)
+    assert 1.0 < kl_weak < 20, [r["kl"] for r in weak]
+    assert kl_strong < 2.0 and kl_strong < kl_weak / 2, ([r["kl"] for r in strong], [r["kl"] for r in weak])
 
 
 # ---------------------------------------------------------------------------------------------------------
