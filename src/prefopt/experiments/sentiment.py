@@ -390,9 +390,12 @@ class SentimentExperiment:
             from ..label import PromptGroup, make_rows, score_groups, write_rows
 
             groups: dict[int, PromptGroup] = {}
-            duplicates = 0
+            duplicates = empty = 0
             for row in _read_jsonl(self.out / "samples" / "samples.jsonl"):
                 g = groups.setdefault(row["prompt_index"], PromptGroup(row["prompt"]))
+                if not row["response"].strip():  # an immediate EOS: preference data needs a non-empty response
+                    empty += 1
+                    continue
                 if row["response"] in g.responses:
                     duplicates += 1
                     continue
@@ -403,13 +406,13 @@ class SentimentExperiment:
             rows, report = make_rows(group_list)
             report.duplicates = duplicates
             write_rows(rows, d / "pairs.jsonl")
-            self.log(f"[pairs] {report.summary()}")
+            self.log(f"[pairs] {report.summary()}" + (f"; {empty} empty responses left out" if empty else ""))
             if len(rows) < 2:
                 raise ConfigError("fewer than 2 preference pairs: sample more prompts (--num-prompts) or more "
                                   "completions per prompt (--samples-per-prompt)")
             mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
             return {"pairs": len(rows), "skipped_ties": report.skipped_ties, "skipped_single": report.skipped_single,
-                    "duplicates": duplicates, "mean_chosen_reward": mean([r["chosen_score"] for r in rows]),
+                    "duplicates": duplicates, "empty": empty, "mean_chosen_reward": mean([r["chosen_score"] for r in rows]),
                     "mean_rejected_reward": mean([r["rejected_score"] for r in rows])}
 
         return self.stages.run("pairs", {}, run, after=["samples", "reward"])

@@ -572,8 +572,6 @@ def train_ppo(cfg: PPOConfig, accelerator: Accelerator | None = None, *,
             row = {**stats, "kl_coef": kl_coef, **sums.means(method.unit), "lr": lr,
                    "grad_norm": sum(grad_norms) / len(grad_norms), "rollout_seconds": t_rollout,
                    "rollouts_per_second": len(rollouts) / seconds}
-            row.pop("loss", None)
-            row["loss"] = sums.sums["loss"] / max(sums.examples, 1)
             window.append(row)
             if step % cfg.log_every == 0 or step == total_steps:
                 row = {"step": step, "epoch": schedule.epoch_of(step - 1),
