@@ -61,7 +61,7 @@ def cmd_model_init(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import run_quickstart
 
-    run_quickstart(args.output_dir, steps=args.max_steps, size=args.size, seed=args.seed)
+    run_quickstart(args.output_dir, steps=args.max_steps, sft_steps=args.sft_steps, size=args.size, seed=args.seed)
     return 0
 
 
@@ -151,12 +151,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_model_init)
 
-    p = sub.add_parser("quickstart", help="the built-in demo: a small model, generated pairs, a short DPO run")
-    p.add_argument("--output-dir", default="runs/quickstart")
-    p.add_argument("--max-steps", type=int, default=60)
-    p.add_argument("--size", default="tiny")
+    p = sub.add_parser("quickstart", help="the built-in demo: the DPO paper's sentiment experiment in minutes "
+                                          "(SFT, sampled pairs, DPO, reward vs KL table and plot)")
+    p.add_argument("--output-dir", default="runs/quickstart", help="where every stage goes (a rerun skips done ones)")
+    p.add_argument("--max-steps", type=int, default=None, help="DPO steps per beta (default 100)")
+    p.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default 400)")
+    p.add_argument("--size", default="tiny", help="model size: tiny, small or medium (default: tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_quickstart)
+
+    from .experiments.sentiment import SentimentConfig
+
+    def cmd_experiment_sentiment(args: argparse.Namespace) -> int:
+        from .experiments.sentiment import run_sentiment
+
+        result = run_sentiment(config_from_args(SentimentConfig, args))  # type: ignore[arg-type]
+        print(f"table: {result['markdown']}\nplot:  {result['plot']}")
+        return 0
+
+    p = sub.add_parser("experiment", help="experiments from the DPO paper: 'prefopt experiment sentiment'")
+    esub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    q = esub.add_parser("sentiment", help="controlled sentiment generation: reward vs KL for DPO, PPO, Best-of-N",
+                        description=" ".join((SentimentConfig.__doc__ or "").split()) + " Stages are resumable: a "
+                        "rerun skips finished ones. Without --data the built-in review corpus (exact reward) is used.")
+    add_config_flags(q, SentimentConfig)  # type: ignore[arg-type]
+    q.set_defaults(func=cmd_experiment_sentiment)
     return parser
 
 

@@ -21,11 +21,8 @@ epochs of minibatch updates) is PPO's own. Runs on a single process.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +43,11 @@ from ..data.types import Text
 from ..errors import ConfigError, DataError
 from ..logprobs import token_logps
 from ..models import load_tokenizer, reference_mode
+from ..rewards import RewardFn, call_reward_fn, load_reward_fn, reward_model_fn
 from .loop import (BatchSchedule, Checkpointer, MetricSums, MetricsLog, StepResult, build_optimizer,
                    build_scheduler, find_checkpoint, format_summary, load_model_weights, micro_batches, to_device)
 from .setup import load_policy, save_model_and_tokenizer
 
-RewardFn = Callable[[list[Text], list[str]], Sequence[float]]
 """(prompts, responses) -> one score per response."""
 
 VALUE_HEAD_DIR = "value_head"
@@ -172,57 +169,6 @@ def encode_prompts(prompts: Sequence[Text], tokenizer: Any, max_prompt_length: i
 
 # ---------------------------------------------------------------------------------------------------------
 # Rewards
-
-
-def load_reward_fn(spec: str) -> RewardFn:
-    """'package.module:function' or 'path/to/file.py:function' -> the function."""
-    module_name, _, func_name = spec.rpartition(":")
-    if not module_name or not func_name:
-        raise ConfigError(f"reward_fn {spec!r}: expected 'module:function' or 'path/to/file.py:function'.")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name).expanduser()
-            if not path.is_file():
-                raise ConfigError(f"reward_fn: file not found: {path}")
-            name = f"prefopt_reward_{abs(hash(str(path.resolve())))}"
-            spec_ = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec_)  # type: ignore[arg-type]
-            sys.modules[name] = module
-            spec_.loader.exec_module(module)  # type: ignore[union-attr]
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"reward_fn {spec!r}: cannot import {module_name!r}: {e}") from e
-    fn = getattr(module, func_name, None)
-    if not callable(fn):
-        raise ConfigError(f"reward_fn {spec!r}: {module_name} has no function {func_name!r}.")
-    return fn
-
-
-def reward_model_fn(path: str, device: torch.device, batch_size: int, *, max_length: int | None = None,
-                    max_prompt_length: int | None = None) -> RewardFn:
-    """Score with a reward model written by ``prefopt rm`` (imported lazily: only this path needs it).
-
-    Pairs longer than ``max_length`` are truncated by the training rules before scoring."""
-    from .rm import load_reward_model, score_texts
-
-    model, tokenizer = load_reward_model(path, device=device)
-
-    def fn(prompts: list[Text], responses: list[str]) -> list[float]:
-        return score_texts(model, tokenizer, prompts, responses, batch_size, max_length=max_length,
-                           max_prompt_length=max_prompt_length).tolist()
-
-    return fn
-
-
-def score(reward_fn: RewardFn, prompts: list[Text], responses: list[str]) -> Tensor:
-    values = list(reward_fn(prompts, responses))
-    if len(values) != len(responses):
-        raise ConfigError(f"the reward function returned {len(values)} scores for {len(responses)} responses.")
-    out = torch.tensor([float(v) for v in values], dtype=torch.float32)
-    if not torch.isfinite(out).all():
-        raise ConfigError(f"the reward function returned a non-finite score: {values}")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -370,7 +316,7 @@ class RolloutMaker:
                                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
         rollouts = [Rollout(p, r) for p, r in zip(prompt_ids, responses)]
         texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
-        scores = score(self.reward_fn, list(prompts), texts)
+        scores = torch.tensor(call_reward_fn(self.reward_fn, list(prompts), texts), dtype=torch.float32)
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
@@ -485,7 +431,7 @@ def train_ppo(cfg: PPOConfig, accelerator: Accelerator | None = None, *,
     total_steps = cfg.max_steps or cfg.epochs * schedule.steps_per_epoch
 
     if reward_fn is None:
-        reward_fn = reward_model_fn(cfg.reward_model, device, cfg.micro_batch_size,  # type: ignore[arg-type]
+        reward_fn = reward_model_fn(cfg.reward_model, batch_size=cfg.micro_batch_size, device=device,
                                     max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     lm, reference = load_policy(cfg, with_reference=not cfg.lora)
     model = PolicyWithValueHead(lm).to(device)
