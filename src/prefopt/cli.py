@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import DPOConfig, TrainConfig, _base_type, field_docs, field_types, load_config
+from .config import DPOConfig, TrainConfig, unwrap_optional, field_docs, field_types, load_config
 from .errors import PrefoptError
 
 
@@ -21,7 +21,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig]) ->
     docs = field_docs(cls)
     defaults = cls()
     for name, tp in field_types(cls).items():
-        base, _ = _base_type(tp)
+        base, _ = unwrap_optional(tp)
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
         help_ = f"{docs.get(name, '')} (default: {default})".strip()

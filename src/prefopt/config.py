@@ -102,27 +102,27 @@ class TrainConfig:
         for name in ("model", "data", "output_dir"):
             if not getattr(self, name):
                 raise ConfigError(f"'{name}' is required (flag --{name.replace('_', '-')} or YAML key {name}).")
-        _check(self.lr > 0, "lr", self.lr, "a positive number")
-        _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
-        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
-        _check(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", self.mixed_precision, "no, bf16 or fp16")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        _check(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "an integer >= 1")
-        _check(self.batch_size % self.micro_batch_size == 0, "batch_size", self.batch_size,
+        check_field(self.lr > 0, "lr", self.lr, "a positive number")
+        check_field(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
+        check_field(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        check_field(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", self.mixed_precision, "no, bf16 or fp16")
+        check_field(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check_field(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "an integer >= 1")
+        check_field(self.batch_size % self.micro_batch_size == 0, "batch_size", self.batch_size,
                f"a multiple of micro_batch_size ({self.micro_batch_size})")
-        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1")
-        _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
-        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
-        _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)")
-        _check(0 <= self.eval_fraction < 1, "eval_fraction", self.eval_fraction, "in [0, 1)")
-        _check(self.max_length >= 2, "max_length", self.max_length, "an integer >= 2")
-        _check(0 < self.max_prompt_length < self.max_length, "max_prompt_length", self.max_prompt_length,
+        check_field(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1")
+        check_field(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        check_field(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
+        check_field(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)")
+        check_field(0 <= self.eval_fraction < 1, "eval_fraction", self.eval_fraction, "in [0, 1)")
+        check_field(self.max_length >= 2, "max_length", self.max_length, "an integer >= 2")
+        check_field(0 < self.max_prompt_length < self.max_length, "max_prompt_length", self.max_prompt_length,
                f"between 1 and max_length - 1 ({self.max_length - 1})")
         for name in ("eval_every", "save_every", "keep_checkpoints"):
-            _check(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
-        _check(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
-        _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
+            check_field(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
+        check_field(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
+        check_field(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        check_field(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
 
 
 @dataclass
@@ -158,16 +158,16 @@ class DPOConfig(TrainConfig):
         super().validate()
         from .losses import loss_names
 
-        _check(self.loss in loss_names(), "loss", self.loss, f"one of {', '.join(loss_names())}")
-        _check(self.beta > 0, "beta", self.beta, "a positive number (the paper uses 0.1 to 0.5)")
+        check_field(self.loss in loss_names(), "loss", self.loss, f"one of {', '.join(loss_names())}")
+        check_field(self.beta > 0, "beta", self.beta, "a positive number (the paper uses 0.1 to 0.5)")
         if self.loss == "cdpo":
-            _check(0 <= self.label_smoothing <= 0.5, "label_smoothing", self.label_smoothing, "in [0, 0.5] for cdpo")
+            check_field(0 <= self.label_smoothing <= 0.5, "label_smoothing", self.label_smoothing, "in [0, 0.5] for cdpo")
         elif self.loss == "robust":
-            _check(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "in [0, 0.5) for robust")
+            check_field(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "in [0, 0.5) for robust")
         else:
-            _check(self.label_smoothing == 0, "label_smoothing", self.label_smoothing,
+            check_field(self.label_smoothing == 0, "label_smoothing", self.label_smoothing,
                    f"0 for loss '{self.loss}' (label smoothing belongs to cdpo and robust)")
-        _check(self.nll_weight >= 0, "nll_weight", self.nll_weight, ">= 0")
+        check_field(self.nll_weight >= 0, "nll_weight", self.nll_weight, ">= 0")
         if self.reference_free and (self.ref_model or self.precompute_ref):
             raise ConfigError("reference_free uses no reference model: drop ref_model / precompute_ref.")
 
@@ -198,7 +198,7 @@ class SFTConfig(TrainConfig):
 
         formats = FORMATS if self.from_preferences else SFT_FORMATS
         what = "preference" if self.from_preferences else "SFT"
-        _check(self.data_format in ("auto", *formats), "data_format", self.data_format,
+        check_field(self.data_format in ("auto", *formats), "data_format", self.data_format,
                f"one of auto, {', '.join(formats)} ({what} data)")
 
 
@@ -216,7 +216,7 @@ class RMConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        _check(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", self.center_rewards_coefficient,
+        check_field(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", self.center_rewards_coefficient,
                ">= 0 (0 disables)")
 
 # [anchor: ppo config]
@@ -283,22 +283,22 @@ class PPOConfig(TrainConfig):
         if self.reward_fn and ":" not in self.reward_fn:
             raise ConfigError(f"invalid reward_fn = {self.reward_fn!r}: must be 'module:function' or "
                               "'path/to/file.py:function'.")
-        _check(self.kl_coef >= 0, "kl_coef", self.kl_coef, ">= 0")
+        check_field(self.kl_coef >= 0, "kl_coef", self.kl_coef, ">= 0")
         if self.adaptive_kl:
-            _check(self.kl_coef > 0, "kl_coef", self.kl_coef, "> 0 with adaptive_kl (it is scaled multiplicatively)")
-        _check(self.target_kl > 0, "target_kl", self.target_kl, "a positive number")
-        _check(self.kl_horizon >= 1, "kl_horizon", self.kl_horizon, "an integer >= 1")
-        _check(0 <= self.gamma <= 1, "gamma", self.gamma, "in [0, 1]")
-        _check(0 <= self.lam <= 1, "lam", self.lam, "in [0, 1]")
-        _check(self.cliprange > 0, "cliprange", self.cliprange, "a positive number")
-        _check(self.cliprange_value > 0, "cliprange_value", self.cliprange_value, "a positive number")
-        _check(self.vf_coef >= 0, "vf_coef", self.vf_coef, ">= 0")
-        _check(self.ppo_epochs >= 1, "ppo_epochs", self.ppo_epochs, "an integer >= 1")
-        _check(self.rollout_batch_size >= 1, "rollout_batch_size", self.rollout_batch_size, "an integer >= 1")
-        _check(self.rollout_batch_size % self.batch_size == 0, "rollout_batch_size", self.rollout_batch_size,
+            check_field(self.kl_coef > 0, "kl_coef", self.kl_coef, "> 0 with adaptive_kl (it is scaled multiplicatively)")
+        check_field(self.target_kl > 0, "target_kl", self.target_kl, "a positive number")
+        check_field(self.kl_horizon >= 1, "kl_horizon", self.kl_horizon, "an integer >= 1")
+        check_field(0 <= self.gamma <= 1, "gamma", self.gamma, "in [0, 1]")
+        check_field(0 <= self.lam <= 1, "lam", self.lam, "in [0, 1]")
+        check_field(self.cliprange > 0, "cliprange", self.cliprange, "a positive number")
+        check_field(self.cliprange_value > 0, "cliprange_value", self.cliprange_value, "a positive number")
+        check_field(self.vf_coef >= 0, "vf_coef", self.vf_coef, ">= 0")
+        check_field(self.ppo_epochs >= 1, "ppo_epochs", self.ppo_epochs, "an integer >= 1")
+        check_field(self.rollout_batch_size >= 1, "rollout_batch_size", self.rollout_batch_size, "an integer >= 1")
+        check_field(self.rollout_batch_size % self.batch_size == 0, "rollout_batch_size", self.rollout_batch_size,
                f"a multiple of batch_size ({self.batch_size})")
-        _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
-        _check(self.temperature > 0, "temperature", self.temperature, "a positive number")
+        check_field(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        check_field(self.temperature > 0, "temperature", self.temperature, "a positive number")
 
 
 # [anchor: generate/label/score configs]
@@ -347,14 +347,14 @@ class GenerateConfig:
 
     def validate(self) -> None:
         _required(self, "model", "prompts", "output")
-        _check(self.num_samples >= 1, "num_samples", self.num_samples, "an integer >= 1")
-        _check(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 means greedy decoding)")
-        _check(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
-        _check(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 disables top-k)")
-        _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
-        _check(bool(self.device), "device", self.device, DEVICES_HELP)
+        check_field(self.num_samples >= 1, "num_samples", self.num_samples, "an integer >= 1")
+        check_field(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 means greedy decoding)")
+        check_field(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        check_field(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 disables top-k)")
+        check_field(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        check_field(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check_field(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        check_field(bool(self.device), "device", self.device, DEVICES_HELP)
 
 
 @dataclass
@@ -390,8 +390,8 @@ class LabelConfig:
                               "'path/to/file.py:function'.")
         if self.ranking and self.all_pairs:
             raise ConfigError("ranking and all_pairs exclude each other: ranking writes one row of all responses.")
-        _check(self.min_margin >= 0, "min_margin", self.min_margin, ">= 0")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check_field(self.min_margin >= 0, "min_margin", self.min_margin, ">= 0")
+        check_field(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
 
 
 @dataclass
@@ -429,19 +429,19 @@ class ScoreConfig:
 
     def validate(self) -> None:
         _required(self, "model", "ref_model", "data", "output")
-        _check(self.beta > 0, "beta", self.beta, "a positive number")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        _check(self.max_length is None or self.max_length >= 2, "max_length", self.max_length, "an integer >= 2")
+        check_field(self.beta > 0, "beta", self.beta, "a positive number")
+        check_field(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check_field(self.max_length is None or self.max_length >= 2, "max_length", self.max_length, "an integer >= 2")
         if self.max_prompt_length is not None:
             upper = self.max_length - 1 if self.max_length else None
-            _check(self.max_prompt_length >= 1 and (upper is None or self.max_prompt_length <= upper),
+            check_field(self.max_prompt_length >= 1 and (upper is None or self.max_prompt_length <= upper),
                    "max_prompt_length", self.max_prompt_length,
                    f"between 1 and max_length - 1 ({upper})" if upper else "an integer >= 1")
-        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
-        _check(bool(self.device), "device", self.device, DEVICES_HELP)
+        check_field(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        check_field(bool(self.device), "device", self.device, DEVICES_HELP)
 
 
-def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+def check_field(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"invalid {name} = {value!r}: must be {allowed}.")
 
@@ -455,7 +455,7 @@ def field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in fields(cls)}
 
 
-def _base_type(tp: Any) -> tuple[Any, bool]:
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
     """(inner type, optional?) for X | None annotations."""
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
@@ -466,7 +466,7 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 
 def coerce(name: str, tp: Any, value: Any) -> Any:
     """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
-    base, optional = _base_type(tp)
+    base, optional = unwrap_optional(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
@@ -568,3 +568,5 @@ def field_docs(cls: type) -> dict[str, str]:
 
 __all__ = ["TrainConfig", "DPOConfig", "load_config", "from_dict", "save_config", "to_dict", "coerce",
            "field_types", "field_docs", "OPTIMIZERS", "DTYPES", "field"]
+
+_check = check_field  # TODO(lead): remove once experiments/sentiment.py imports check_field

@@ -27,9 +27,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .data.formats import _text
+from .data.formats import text_field
 from .data.load import iter_rows
-from .data.tokenize import _Specials
+from .data.tokenize import SpecialTokens
 from .data.types import Text
 from .errors import ConfigError, DataError
 
@@ -73,15 +73,15 @@ def read_prompts(path: str | Path) -> list[Text]:
     else:
         if not p.exists():
             raise DataError("file not found", source=str(p), reason="not_found")
-        prompts = [_text(row, "prompt", source) for row, source in iter_rows(p)]
+        prompts = [text_field(row, "prompt", source) for row, source in iter_rows(p)]
     if not prompts:
         raise DataError("no prompts in file", source=str(p), reason="empty_file")
     return prompts
 
 
-def encode_prompt(prompt: Text, tokenizer: Any, specials: _Specials | None = None) -> list[int]:
+def encode_prompt(prompt: Text, tokenizer: Any, specials: SpecialTokens | None = None) -> list[int]:
     """Token ids of a prompt, exactly as ``prefopt.data.tokenize_example`` makes the prompt of a DPO example."""
-    sp = specials or _Specials.of(tokenizer)
+    sp = specials or SpecialTokens.of(tokenizer)
     if isinstance(prompt, list):
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("a message-list prompt needs a tokenizer with a chat_template", field="prompt",
@@ -149,14 +149,14 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
 
 def _check_options(temperature: float, top_p: float, top_k: int, max_new_tokens: int, num_samples: int,
                    batch_size: int) -> None:
-    from .config import _check
+    from .config import check_field
 
-    _check(temperature >= 0, "temperature", temperature, ">= 0 (0 means greedy decoding)")
-    _check(0 < top_p <= 1, "top_p", top_p, "in (0, 1]")
-    _check(top_k >= 0, "top_k", top_k, "an integer >= 0 (0 disables top-k)")
-    _check(max_new_tokens >= 1, "max_new_tokens", max_new_tokens, "an integer >= 1")
-    _check(num_samples >= 1, "num_samples", num_samples, "an integer >= 1")
-    _check(batch_size >= 1, "batch_size", batch_size, "an integer >= 1")
+    check_field(temperature >= 0, "temperature", temperature, ">= 0 (0 means greedy decoding)")
+    check_field(0 < top_p <= 1, "top_p", top_p, "in (0, 1]")
+    check_field(top_k >= 0, "top_k", top_k, "an integer >= 0 (0 disables top-k)")
+    check_field(max_new_tokens >= 1, "max_new_tokens", max_new_tokens, "an integer >= 1")
+    check_field(num_samples >= 1, "num_samples", num_samples, "an integer >= 1")
+    check_field(batch_size >= 1, "batch_size", batch_size, "an integer >= 1")
 
 
 @torch.no_grad()
@@ -175,7 +175,7 @@ def generate_samples(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[T
     _check_options(temperature, top_p, top_k, max_new_tokens, num_samples, batch_size)
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
-    sp = _Specials.of(tokenizer)
+    sp = SpecialTokens.of(tokenizer)
     encoded = [encode_prompt(p, tokenizer, sp) for p in prompts]
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]

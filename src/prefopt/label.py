@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data.formats import _text
+from .data.formats import text_field
 from .data.load import iter_rows
 from .data.types import Text
 from .errors import ConfigError, DataError
@@ -47,7 +47,7 @@ def read_samples(path: str | Path) -> tuple[list[PromptGroup], int]:
     groups: dict[str, PromptGroup] = {}
     duplicates = 0
     for row, source in iter_rows(path):
-        prompt = _text(row, "prompt", source)
+        prompt = text_field(row, "prompt", source)
         response = row.get("response")
         if not isinstance(response, str):
             raise DataError("missing or not a string (sample rows are {prompt, response} as written by "

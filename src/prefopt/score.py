@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .data import collate_preferences, load_preferences, tokenize_example
-from .data.formats import _text
+from .data.formats import text_field
 from .data.load import iter_rows
 from .data.types import PreferenceExample, Text, TokenizedExample
 from .errors import ConfigError, DataError
@@ -150,8 +150,8 @@ def read_scoring_data(path: str | Path, data_format: str = "auto") -> tuple[list
     if data_format == "auto" and "response" in row and "chosen" not in row and "responses" not in row:
         examples = []
         for row, source in iter_rows(path):
-            prompt = _text(row, "prompt", source)
-            response = _text(row, "response", source)
+            prompt = text_field(row, "prompt", source)
+            response = text_field(row, "response", source)
             examples.append(PreferenceExample(prompt=prompt, responses=[response], source=source))
         return examples, False
     examples, report = load_preferences(path, format=data_format)

@@ -40,14 +40,14 @@ def detect_format(row: dict, source: str | None = None) -> str:
 def to_example(row: dict, source: str, fmt: str) -> PreferenceExample:
     """Validate one raw row of format ``fmt`` and build its PreferenceExample (raises DataError)."""
     if fmt == "explicit" or (fmt == "conversational" and "prompt" in row):
-        prompt = _text(row, "prompt", source)
-        responses = [_text(row, "chosen", source), _text(row, "rejected", source)]
+        prompt = text_field(row, "prompt", source)
+        responses = [text_field(row, "chosen", source), text_field(row, "rejected", source)]
     elif fmt == "conversational":
         prompt, responses = _split_conversations(row, source)
     elif fmt == "implicit":
         prompt, responses = _split_transcripts(row, source)
     elif fmt == "ranked":
-        prompt, responses = _text(row, "prompt", source), _ranked(row, source)
+        prompt, responses = text_field(row, "prompt", source), _ranked(row, source)
     else:
         raise ConfigError(f"unknown data format '{fmt}'; choose one of: auto, {', '.join(FORMATS)}")
     kinds = {isinstance(t, list) for t in [prompt, *responses]}
@@ -67,7 +67,7 @@ def _get(row: dict, name: str, source: str) -> Any:
     return row[name]
 
 
-def _text(row: dict, name: str, source: str, value: Any = None) -> Text:
+def text_field(row: dict, name: str, source: str, value: Any = None) -> Text:
     """A non-empty string or a non-empty list of {role, content} messages."""
     value = _get(row, name, source) if value is None else value
     if isinstance(value, str):
@@ -87,7 +87,7 @@ def _text(row: dict, name: str, source: str, value: Any = None) -> Text:
 
 
 def _split_conversations(row: dict, source: str) -> tuple[Text, list[Text]]:
-    convs = {name: _text(row, name, source) for name in ("chosen", "rejected")}
+    convs = {name: text_field(row, name, source) for name in ("chosen", "rejected")}
     parts = {}
     for name, conv in convs.items():
         if not isinstance(conv, list):
@@ -108,7 +108,7 @@ def _split_conversations(row: dict, source: str) -> tuple[Text, list[Text]]:
 def _split_transcripts(row: dict, source: str) -> tuple[str, list[str]]:
     prompts, responses = [], []
     for name in ("chosen", "rejected"):
-        text = _text(row, name, source)
+        text = text_field(row, name, source)
         if not isinstance(text, str):
             raise DataError("must be a transcript string", source=source, field=name, reason="wrong_type")
         cut = text.rfind(HH_MARKER)
@@ -133,7 +133,7 @@ def _ranked(row: dict, source: str) -> list[Text]:
     if len(responses) < 2:
         raise DataError(f"needs at least 2 responses, got {len(responses)}", source=source, field="responses",
                         reason="too_few_responses")
-    responses = [_text(row, f"responses[{i}]", source, r) for i, r in enumerate(responses)]
+    responses = [text_field(row, f"responses[{i}]", source, r) for i, r in enumerate(responses)]
     key = "ranks" if "ranks" in row else "scores"
     values = _get(row, key, source)
     if not (isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)

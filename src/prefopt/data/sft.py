@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, DataError
 from .collate import collate_preferences
 from .formats import FORMATS as PREFERENCE_FORMATS
-from .formats import LoadReport, _text, load_preferences
+from .formats import LoadReport, text_field, load_preferences
 from .load import iter_rows_lenient
-from .tokenize import PROGRESS_MIN, TokenizeReport, _encode_response, _Specials, _tokenize
+from .tokenize import PROGRESS_MIN, SpecialTokens, TokenizeReport, encode_response, tokenize_example
 from .types import Message, PreferenceExample, Text, TokenizedExample
 
 SFT_FORMATS = ("explicit", "conversational", "text")
@@ -77,7 +77,7 @@ def to_sft_example(row: dict, source: str, fmt: str) -> SFTExample:
     """Validate one raw row of SFT format ``fmt`` (raises DataError)."""
     if fmt == "explicit":
         key = next((k for k in RESPONSE_KEYS if k in row), RESPONSE_KEYS[0])
-        prompt, response = _text(row, "prompt", source), _text(row, key, source)
+        prompt, response = text_field(row, "prompt", source), text_field(row, key, source)
         if isinstance(prompt, str) and isinstance(response, list):
             raise DataError("is a message list but the prompt is plain text; use messages for both",
                             source=source, field=key, reason="wrong_type")
@@ -85,7 +85,7 @@ def to_sft_example(row: dict, source: str, fmt: str) -> SFTExample:
     if fmt == "conversational":
         return _conversation(row, source)
     if fmt == "text":
-        text = _text(row, "text", source)
+        text = text_field(row, "text", source)
         if not isinstance(text, str):
             raise DataError("must be a string (use 'messages' for conversations)", source=source, field="text",
                             reason="wrong_type")
@@ -94,7 +94,7 @@ def to_sft_example(row: dict, source: str, fmt: str) -> SFTExample:
 
 
 def _conversation(row: dict, source: str) -> SFTExample:
-    messages = _text(row, "messages", source)
+    messages = text_field(row, "messages", source)
     if not isinstance(messages, list):
         raise DataError("must be a list of {role, content} messages", source=source, field="messages",
                         reason="wrong_type")
@@ -171,7 +171,7 @@ def _chat_segments(messages: list[Message], tokenizer: Any, source: str) -> list
     return segments
 
 
-def _tokenize_turns(ex: SFTExample, tokenizer: Any, sp: _Specials, max_length: int | None,
+def _tokenize_turns(ex: SFTExample, tokenizer: Any, sp: SpecialTokens, max_length: int | None,
                     max_prompt_length: int | None) -> TokenizedExample | None:
     """A multi-turn conversation: prompt = context before the first assistant turn, response = the rest."""
     assert ex.conversation is not None
@@ -183,7 +183,7 @@ def _tokenize_turns(ex: SFTExample, tokenizer: Any, sp: _Specials, max_length: i
     for k, (text, trained) in enumerate(segments):
         text, carry = carry + text, ""
         if trained and k == len(segments) - 1:
-            ids = _encode_response(text, tokenizer, sp)  # the last turn: exactly as data.tokenize does it
+            ids = encode_response(text, tokenizer, sp)  # the last turn: exactly as data.tokenize does it
         else:
             if trained and text.rstrip().endswith(sp.eos):  # the turn ends at its EOS; what follows is context
                 text, carry = text.rstrip(), text[len(text.rstrip()):]
@@ -215,21 +215,21 @@ def _tokenize_turns(ex: SFTExample, tokenizer: Any, sp: _Specials, max_length: i
 def tokenize_sft_example(ex: SFTExample, tokenizer: Any, *, max_length: int | None = None,
                          max_prompt_length: int | None = None) -> TokenizedExample | None:
     """Tokenize one SFT example (K = 1); None when it cannot fit in ``max_length``."""
-    return _tokenize_sft(ex, tokenizer, _Specials.of(tokenizer), max_length, max_prompt_length)
+    return _tokenize_sft(ex, tokenizer, SpecialTokens.of(tokenizer), max_length, max_prompt_length)
 
 
-def _tokenize_sft(ex: SFTExample, tokenizer: Any, sp: _Specials, max_length: int | None,
+def _tokenize_sft(ex: SFTExample, tokenizer: Any, sp: SpecialTokens, max_length: int | None,
                   max_prompt_length: int | None) -> TokenizedExample | None:
     if ex.conversation is not None:
         return _tokenize_turns(ex, tokenizer, sp, max_length, max_prompt_length)
-    return _tokenize(PreferenceExample(ex.prompt, [ex.response], ex.source), tokenizer, sp, max_length,
-                     max_prompt_length)
+    return tokenize_example(PreferenceExample(ex.prompt, [ex.response], ex.source), tokenizer,
+                            max_length=max_length, max_prompt_length=max_prompt_length, specials=sp)
 
 
 def tokenize_sft(examples: Sequence[SFTExample], tokenizer: Any, *, max_length: int | None = None,
                  max_prompt_length: int | None = None) -> tuple[list[TokenizedExample], TokenizeReport]:
     """Tokenize many SFT examples; rows that cannot fit are dropped and counted in the report."""
-    sp = _Specials.of(tokenizer)
+    sp = SpecialTokens.of(tokenizer)
     out, report = [], TokenizeReport(total=len(examples))
     for ex in tqdm(examples, desc="tokenizing", disable=len(examples) <= PROGRESS_MIN):
         tok = _tokenize_sft(ex, tokenizer, sp, max_length, max_prompt_length)

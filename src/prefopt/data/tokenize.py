@@ -19,13 +19,13 @@ PROGRESS_MIN = 2000
 
 
 @dataclass
-class _Specials:
+class SpecialTokens:
     bos_id: int | None  # set only when the tokenizer normally adds BOS
     eos_id: int
     eos: str
 
     @classmethod
-    def of(cls, tokenizer: Any) -> "_Specials":
+    def of(cls, tokenizer: Any) -> "SpecialTokens":
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token; set one (e.g. tokenizer.eos_token = ...)")
         bos = tokenizer.bos_token_id
@@ -52,15 +52,23 @@ def _render_chat(ex: PreferenceExample, tokenizer: Any) -> tuple[str, list[str]]
     return prompt, responses
 
 
-def _encode_response(text: str, tokenizer: Any, sp: _Specials) -> list[int]:
+def encode_response(text: str, tokenizer: Any, sp: SpecialTokens) -> list[int]:
     if text.rstrip().endswith(sp.eos):  # the template already ends the turn with EOS; drop what follows it
         text = text.rstrip()
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids if ids and ids[-1] == sp.eos_id else ids + [sp.eos_id]
 
 
-def _tokenize(ex: PreferenceExample, tokenizer: Any, sp: _Specials, max_length: int | None,
-              max_prompt_length: int | None) -> TokenizedExample | None:
+def tokenize_example(ex: PreferenceExample, tokenizer: Any, *, max_length: int | None = None,
+                     max_prompt_length: int | None = None, specials: SpecialTokens | None = None
+                     ) -> TokenizedExample | None:
+    """Tokenize one example; None when it cannot fit in ``max_length`` (see module doc for the rules).
+
+    Truncation (when prompt + longest response > max_length): the prompt is cut from the start (BOS kept)
+    to ``max_prompt_length``, then responses are cut to ``max_length - len(prompt)`` (losing their EOS).
+    Without ``max_length``, ``max_prompt_length`` alone caps the prompt.
+    """
+    sp = specials or SpecialTokens.of(tokenizer)
     if isinstance(ex.prompt, list):
         prompt_text, response_texts = _render_chat(ex, tokenizer)
     else:
@@ -69,7 +77,7 @@ def _tokenize(ex: PreferenceExample, tokenizer: Any, sp: _Specials, max_length: 
     head = [] if sp.bos_id is None or prompt[:1] == [sp.bos_id] else [sp.bos_id]
     prompt = head + prompt
     keep = 1 if prompt[:1] == [sp.bos_id] and sp.bos_id is not None else 0  # BOS survives prompt truncation
-    responses = [_encode_response(t, tokenizer, sp) for t in response_texts]
+    responses = [encode_response(t, tokenizer, sp) for t in response_texts]
     longest = max(len(r) for r in responses)
     truncated = False
     too_long = max_length is not None and len(prompt) + longest > max_length
@@ -85,17 +93,6 @@ def _tokenize(ex: PreferenceExample, tokenizer: Any, sp: _Specials, max_length: 
         if len({tuple(r) for r in responses}) < len(responses):  # truncation made responses identical
             return None
     return TokenizedExample(prompt, responses, source=ex.source, meta={"truncated": truncated})
-
-
-def tokenize_example(ex: PreferenceExample, tokenizer: Any, *, max_length: int | None = None,
-                     max_prompt_length: int | None = None) -> TokenizedExample | None:
-    """Tokenize one example; None when it cannot fit in ``max_length`` (see module doc for the rules).
-
-    Truncation (when prompt + longest response > max_length): the prompt is cut from the start (BOS kept)
-    to ``max_prompt_length``, then responses are cut to ``max_length - len(prompt)`` (losing their EOS).
-    Without ``max_length``, ``max_prompt_length`` alone caps the prompt.
-    """
-    return _tokenize(ex, tokenizer, _Specials.of(tokenizer), max_length, max_prompt_length)
 
 
 @dataclass
@@ -117,10 +114,10 @@ class TokenizeReport:
 def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer: Any, *, max_length: int | None = None,
                       max_prompt_length: int | None = None) -> tuple[list[TokenizedExample], TokenizeReport]:
     """Tokenize many examples; rows that cannot fit are dropped and counted in the report."""
-    sp = _Specials.of(tokenizer)
+    sp = SpecialTokens.of(tokenizer)
     out, report = [], TokenizeReport(total=len(examples))
     for ex in tqdm(examples, desc="tokenizing", disable=len(examples) <= PROGRESS_MIN):
-        tok = _tokenize(ex, tokenizer, sp, max_length, max_prompt_length)
+        tok = tokenize_example(ex, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, specials=sp)
         if tok is None:
             report.dropped += 1
             if len(report.dropped_sources) < 3:

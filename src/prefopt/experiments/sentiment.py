@@ -36,8 +36,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-
 from ..config import _check
 from ..errors import ConfigError
 from . import corpus as corpus_mod
@@ -236,7 +234,9 @@ def _prompts(texts: Sequence[str], n: int, cfg: SentimentConfig, salt: str) -> l
     return out
 
 
-def _device() -> torch.device:
+def _device() -> Any:
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -248,6 +248,8 @@ def _load_lm(path: str | Path):
 
 def _free(*_: Any) -> None:
     import gc
+
+    import torch
 
     gc.collect()
     if torch.cuda.is_available():

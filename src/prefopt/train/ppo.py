@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from .. import rl
 from ..config import PPOConfig, save_config
 from ..data import PreferenceExample, detect_format, iter_rows, to_example, tokenize_example
-from ..data.formats import _text
+from ..data.formats import text_field
 from ..data.types import Text
 from ..errors import ConfigError, DataError
 from ..logprobs import token_logps
@@ -130,9 +130,9 @@ def load_prompts(path: str, split: str | None = None) -> list[Text]:
         prompts, fmt = [], None
         for row, source in iter_rows(path, split):
             if "prompt" in row:
-                prompts.append(_text(row, "prompt", source))
+                prompts.append(text_field(row, "prompt", source))
             elif "messages" in row:
-                msgs = _text(row, "messages", source)
+                msgs = text_field(row, "messages", source)
                 last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
                 if last == 0:
                     raise DataError("has no message before the first assistant message", source=source,

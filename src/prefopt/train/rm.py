@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..config import RMConfig
 from ..data import PreferenceExample, collate_preferences
-from ..data.tokenize import _Specials, _tokenize
+from ..data.tokenize import SpecialTokens, tokenize_example
 from ..data.types import Text
 from ..errors import ConfigError
 from ..logprobs import split_responses
@@ -126,10 +126,11 @@ def score_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Text],
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    sp = _Specials.of(tokenizer)
+    sp = SpecialTokens.of(tokenizer)
     items = []
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        tok = _tokenize(PreferenceExample(p, [r], f"<pair {i}>"), tokenizer, sp, max_length, max_prompt_length)
+        tok = tokenize_example(PreferenceExample(p, [r], f"<pair {i}>"), tokenizer, max_length=max_length,
+                               max_prompt_length=max_prompt_length, specials=sp)
         if tok is None:
             raise ValueError(f"pair {i}: the prompt alone fills max_length ({max_length}); raise max_length")
         items.append(tok)
