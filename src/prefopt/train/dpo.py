@@ -75,7 +75,7 @@ class DPO:
             "logps/rejected": logps[:, -1],
             "grad_weight": torch.sigmoid(rejected_r - chosen_r),
         }
-        return StepResult(losses, metrics, tokens=int(batch["attention_mask"].sum()))
+        return StepResult(losses, metrics, tokens=batch["attention_mask"].sum())
 
 
 # ---------------------------------------------------------------------------------------------------------

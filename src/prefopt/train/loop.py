@@ -20,7 +20,6 @@ import math
 import random
 import shutil
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -44,7 +43,7 @@ class StepResult:
     """Per-example losses [b] (with grad when training)."""
     metrics: dict[str, Tensor] = field(default_factory=dict)
     """Per-example metric values [b], averaged over the examples of a step by the loop."""
-    tokens: int = 0
+    tokens: int | Tensor = 0
     """Non-padding tokens the forward passes processed (for tokens_per_second)."""
 
 
@@ -95,23 +94,40 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch
 
 
 class MetricSums:
-    """Sums of per-example metric values (and of examples, tokens, seconds) over micro-batches and steps."""
+    """Sums of per-example metric values (and of examples, tokens, seconds) over micro-batches and steps.
+
+    Values stay on the device while a step runs and are read back once, in ``reduce``/``means``: no host
+    synchronisation per micro-batch.
+    """
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
+        self.sums: dict[str, Any] = {}
         self.examples = 0.0
-        self.tokens = 0.0
+        self.tokens: Any = 0.0
         self.seconds = 0.0
 
     def add(self, result: StepResult) -> None:
-        self.sums["loss"] += float(result.losses.detach().float().sum())
-        for k, v in result.metrics.items():
-            self.sums[k] += float(v.detach().float().sum())
+        values = {"loss": result.losses, **result.metrics}
+        for k, v in values.items():
+            v = v.detach().float().sum()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.examples += result.losses.numel()
-        self.tokens += result.tokens
+        self.tokens = self.tokens + result.tokens
+
+    def _read_back(self) -> None:
+        """Turn the on-device sums into Python floats with one transfer."""
+        keys = [k for k, v in self.sums.items() if isinstance(v, Tensor)]
+        if keys or isinstance(self.tokens, Tensor):
+            parts = [self.sums[k].double().reshape(1) for k in keys]
+            parts.append(torch.as_tensor(self.tokens, dtype=torch.float64).reshape(1).to(
+                parts[0].device if parts else "cpu"))
+            values = torch.cat(parts).tolist()
+            self.sums.update(zip(keys, values[:-1]))
+            self.tokens = values[-1]
 
     def reduce(self, accelerator: Accelerator) -> "MetricSums":
         """Sum over processes."""
+        self._read_back()
         if accelerator.num_processes == 1:
             return self
         keys = sorted(self.sums)
@@ -124,6 +140,7 @@ class MetricSums:
         return out
 
     def means(self, unit: str, prefix: str = "") -> dict[str, float]:
+        self._read_back()
         n = max(self.examples, 1.0)
         row = {f"{prefix}{k}": v / n for k, v in self.sums.items()}
         if self.seconds > 0:
@@ -369,7 +386,7 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_ite
 
             reduced = step_sums.reduce(accelerator)
             for k, v in reduced.sums.items():
-                window.sums[k] += v
+                window.sums[k] = window.sums.get(k, 0.0) + v
             window.examples += reduced.examples
             window.tokens += reduced.tokens
             window.seconds += reduced.seconds
