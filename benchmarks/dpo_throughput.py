@@ -12,11 +12,14 @@ fp32, 2 threads, AdamW, a fixed number of steps after warm-up. Every configurati
 (so peak RSS is its own) and the repeats alternate configurations (so slow drift on a shared machine hits all
 alike). An HH-style case (long dialogue prompts, shorter responses) compares prefix sharing with the plain path.
 
-Reported per configuration (medians over repeats): pairs/s, non-pad tokens/s (the workload's average non-pad
-tokens per pair, counted with prefopt's tokenization, times pairs/s; the same for every tool), peak RSS of the
-process and its growth after the imports, the ratio to TRL's live-reference pairs/s (median of the per-repeat
-ratios), and achieved GFLOP/s = (6 [policy fwd+bwd] + 2 [live reference fwd]) x parameters x non-pad tokens/s,
-against a measured fp32 matmul ceiling.
+Reported per configuration (medians over repeats): pairs/s = 8 / the median wall time of a training step (each
+step timed from its start to the next one's: collate, forward, backward, optimizer, logging); the same from the
+process CPU time of a step (pairs/s "at 2 full cores", which a machine shared with other jobs distorts less);
+non-pad tokens/s (the workload's average non-pad tokens per pair, counted with prefopt's tokenization, times
+pairs/s; the same for every tool); peak RSS of the process and its growth after the imports; ratios to TRL's
+live-reference and precompute pairs/s and to prefopt's plain path (medians of the per-repeat ratios); achieved
+GFLOP/s = (6 [policy fwd+bwd] + 2 [live reference fwd]) x parameters x non-pad tokens/s, against a measured fp32
+matmul ceiling.
 """
 
 from __future__ import annotations
@@ -141,23 +144,44 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _per_step(marks: list[tuple[float, float]], warmup: int) -> dict:
+    """(wall, cpu) stamps at step starts (the last one at the end of the last step) -> timed steps after warm-up."""
+    walls = [b[0] - a[0] for a, b in zip(marks, marks[1:])][warmup:]
+    cpus = [b[1] - a[1] for a, b in zip(marks, marks[1:])][warmup:]
+    return {"step_wall": walls, "step_cpu": cpus, "steps": len(walls)}
+
+
 def worker_prefopt(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(THREADS)
+    import prefopt.train.dpo as dpo
     from prefopt.config import DPOConfig
-    from prefopt.train.dpo import train_dpo
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: F401  (imported lazily by prefopt;
+    # here so that "RSS growth" counts the run, not the library imports, as for TRL)
 
     import_rss = _rss_mb()
+    marks: list[tuple[float, float]] = []
+    make_collate = dpo.make_collate
+
+    def stamped_collate(*a, **k):  # the loop collates once at the start of each step (micro batch = batch)
+        collate = make_collate(*a, **k)
+
+        def fn(examples):
+            marks.append((time.perf_counter(), time.process_time()))
+            return collate(examples)
+
+        return fn
+
+    dpo.make_collate = stamped_collate
     out = Path(spec["out"])
+    total = spec["warmup"] + spec["steps"] + 1  # one more step: its start closes the last timed step
     cfg = DPOConfig(model=spec["model"], data=spec["data"], output_dir=str(out), optimizer="adamw", lr=1e-6,
-                    warmup_steps=0, batch_size=BATCH, micro_batch_size=BATCH, max_steps=spec["warmup"] + spec["steps"],
+                    warmup_steps=0, batch_size=BATCH, micro_batch_size=BATCH, max_steps=total,
                     max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"], progress=False,
                     log_every=1, cache_dir=str(out / "cache"), seed=spec["seed"], **spec["options"])
-    train_dpo(cfg)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    secs = [BATCH / r["pairs_per_second"] for r in rows if "pairs_per_second" in r][spec["warmup"]:]
-    return {"seconds": sum(secs), "steps": len(secs), "peak_rss_mb": _peak_mb(), "import_rss_mb": import_rss}
+    dpo.train_dpo(cfg)
+    return {**_per_step(marks[-total:], spec["warmup"]), "peak_rss_mb": _peak_mb(), "import_rss_mb": import_rss}
 
 
 def worker_trl(spec: dict) -> dict:
@@ -168,36 +192,32 @@ def worker_trl(spec: dict) -> dict:
     torch.set_num_threads(THREADS)
     import datasets
     import trl
-    from transformers import TrainerCallback
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback  # noqa: F401
 
     from prefopt.models import load_model, load_tokenizer
 
     import_rss = _rss_mb()
     tok = load_tokenizer(spec["model"])
     rows = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines()]
-    times: list[float] = []
+    marks: list[tuple[float, float]] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
+            marks.append((time.perf_counter(), time.process_time()))
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         args = trl.DPOConfig(output_dir=spec["out"], report_to="none", use_cpu=True, bf16=False, fp16=False,
                              gradient_checkpointing=False, per_device_train_batch_size=BATCH,
                              max_length=spec["max_length"], disable_dropout=True,
-                             max_steps=spec["warmup"] + spec["steps"], logging_steps=1, save_strategy="no",
+                             max_steps=spec["warmup"] + spec["steps"] + 1, logging_steps=1, save_strategy="no",
                              learning_rate=1e-6, lr_scheduler_type="constant", optim="adamw_torch",
                              dataloader_num_workers=0, seed=spec["seed"], disable_tqdm=True, **spec["options"])
         trainer = trl.DPOTrainer(model=load_model(spec["model"]), args=args,
                                  train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
                                  callbacks=[Timer()])
         trainer.train()
-    secs = times[spec["warmup"]:]
-    return {"seconds": sum(secs), "steps": len(secs), "peak_rss_mb": _peak_mb(), "import_rss_mb": import_rss}
+    return {**_per_step(marks, spec["warmup"]), "peak_rss_mb": _peak_mb(), "import_rss_mb": import_rss}
 
 
 def worker_matmul(spec: dict) -> dict:
@@ -216,7 +236,10 @@ def worker_matmul(spec: dict) -> dict:
 
 
 def run_worker(kind: str, spec: dict, timeout: int = 900) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false",
+    # passive OpenMP waiting: on a machine shared with other jobs, spinning threads at barriers can slow a run
+    # down many times over; the setting is the same for every configuration
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS), OMP_WAIT_POLICY="PASSIVE",
+               TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     cmd = [sys.executable, __file__, "--worker", kind, json.dumps(spec)]
@@ -253,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     require_shared()
     repeats = args.repeats or (1 if args.quick else 2)
     warmup = args.warmup if args.warmup is not None else 1
-    steps_for = {"small": 4 if args.quick else 8, "medium": 2 if args.quick else 4}
+    steps_for = {"small": 3 if args.quick else 6, "medium": 2 if args.quick else 3}
     if args.steps:
         steps_for = {s: args.steps for s in steps_for}
     work = Path(args.workdir or Path(tempfile.gettempdir()) / "prefopt-dpo-throughput")
@@ -295,13 +318,16 @@ def main(argv: list[str] | None = None) -> None:
                         "seed": 0}
                 res = run_worker(kind, spec)
             st = stats[(case, size)]
-            res.update(case=case, size=size, label=label, repeat=rep, pairs_per_s=res["steps"] * BATCH / res["seconds"])
+            wall, cpu = statistics.median(res["step_wall"]), statistics.median(res["step_cpu"])
+            res.update(case=case, size=size, label=label, repeat=rep, pairs_per_s=BATCH / wall,
+                       pairs_per_cpu_s=BATCH / cpu)
             res["tokens_per_s"] = res["pairs_per_s"] * st["tokens_per_pair"]
             live = not (opts.get("precompute_ref") or opts.get("precompute_ref_log_probs"))
             res["gflops"] = (8 if live else 6) * st["parameters"] * res["tokens_per_s"] / 1e9
             results.append(res)
             print(f"[{time.perf_counter() - started:6.0f}s] rep {rep} {case:11s} {size:6s} {label:24s} "
-                  f"{res['pairs_per_s']:6.2f} pairs/s  peak RSS {res['peak_rss_mb']:6.0f} MB", flush=True)
+                  f"{res['pairs_per_s']:6.2f} pairs/s ({THREADS * res['pairs_per_cpu_s']:6.2f} at {THREADS} full "
+                  f"cores)  peak RSS {res['peak_rss_mb']:6.0f} MB", flush=True)
 
     ceiling = statistics.median(ceilings)
     print(f"\nfp32 matmul ceiling (2048x2048, {THREADS} threads): {ceiling:.1f} GFLOP/s "
@@ -314,35 +340,41 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report_table(results: list[dict], ceiling: float) -> str:
+    """Medians over repeats; ratios are medians of the per-repeat ratios (repeats ran back to back)."""
     def med(xs):
+        xs = list(xs)
         return statistics.median(xs) if xs else float("nan")
 
-    lines = ["| case | model | configuration | pairs/s | tokens/s | vs TRL live | vs TRL precompute | vs plain "
-             "| peak RSS MB | RSS growth MB | GFLOP/s | % of ceiling |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    keys = []
+    keys: list[tuple[str, str, str]] = []
     for r in results:
-        k = (r["case"], r["size"], r["label"])
-        if k not in keys:
-            keys.append(k)
+        if (r["case"], r["size"], r["label"]) not in keys:
+            keys.append((r["case"], r["size"], r["label"]))
 
     def per_rep(case, size, label):
         return {r["repeat"]: r for r in results if (r["case"], r["size"], r["label"]) == (case, size, label)}
 
+    def ratio(mine, other, field):
+        rs = [mine[i][field] / other[i][field] for i in mine if i in other]
+        return f"{med(rs):.2f}x" if rs else "-"
+
+    lines = ["| case | model | configuration | pairs/s | tokens/s | vs TRL live | vs TRL precompute | vs plain "
+             f"| pairs/s at {THREADS} full cores (CPU time) | vs TRL live (CPU time) | peak RSS MB | RSS growth MB "
+             "| GFLOP/s | % of ceiling |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for case, size, label in keys:
         mine = per_rep(case, size, label)
-        ratios = {}
-        for ref in ("TRL live ref", "TRL precompute", "plain"):
-            other = per_rep(case, size, ref)
-            rs = [mine[i]["pairs_per_s"] / other[i]["pairs_per_s"] for i in mine if i in other]
-            ratios[ref] = f"{med(rs):.2f}x" if rs and label != ref else "-"
         rows = list(mine.values())
-        gf = med([r["gflops"] for r in rows])
+        refs = {ref: per_rep(case, size, ref) for ref in ("TRL live ref", "TRL precompute", "plain")}
+        r = {ref: ratio(mine, other, "pairs_per_s") if ref != label else "-" for ref, other in refs.items()}
+        r_cpu = ratio(mine, refs["TRL live ref"], "pairs_per_cpu_s") if label != "TRL live ref" else "-"
+        gf = med(x["gflops"] for x in rows)
         lines.append(
-            f"| {case} | {size} | {label} | {med([r['pairs_per_s'] for r in rows]):.2f} "
-            f"| {med([r['tokens_per_s'] for r in rows]):.0f} | {ratios['TRL live ref']} | {ratios['TRL precompute']} "
-            f"| {ratios['plain']} | {med([r['peak_rss_mb'] for r in rows]):.0f} "
-            f"| {med([r['peak_rss_mb'] - r['import_rss_mb'] for r in rows]):.0f} | {gf:.1f} | {100 * gf / ceiling:.0f}% |")
+            f"| {case} | {size} | {label} | {med(x['pairs_per_s'] for x in rows):.2f} "
+            f"| {med(x['tokens_per_s'] for x in rows):.0f} | {r['TRL live ref']} | {r['TRL precompute']} "
+            f"| {r['plain']} | {THREADS * med(x['pairs_per_cpu_s'] for x in rows):.2f} | {r_cpu} "
+            f"| {med(x['peak_rss_mb'] for x in rows):.0f} "
+            f"| {med(x['peak_rss_mb'] - x['import_rss_mb'] for x in rows):.0f} "
+            f"| {gf:.1f} | {100 * gf / ceiling:.0f}% |")
     return "\n".join(lines)
 
 

@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from prefopt.eval.kl import best_of_n_kl, clustered_mean, estimate_kl, kl_from_logps, sequence_logps
+from prefopt.eval.kl import (
+    best_of_n_kl,
+    clustered_mean,
+    estimate_kl,
+    kl_from_logps,
+    sequence_logps,
+)
 
 
 def test_clustered_se_hand_example():
@@ -74,7 +80,7 @@ def test_kl_of_identical_models_is_zero(tiny_model_dir):
 
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     samples = generate_samples(model, tok, ["Write a review of", "I think"], num_samples=3, max_new_tokens=6, seed=0)
-    est, lp, lr = estimate_kl(model, model, samples, tok.pad_token_id, batch_size=4)
+    est, lp, _ = estimate_kl(model, model, samples, tok.pad_token_id, batch_size=4)
     assert est.mean == 0.0 and est.clusters == 2 and est.n == 6
     assert torch.all(lp < 0)
 

@@ -569,4 +569,3 @@ def field_docs(cls: type) -> dict[str, str]:
 __all__ = ["TrainConfig", "DPOConfig", "load_config", "from_dict", "save_config", "to_dict", "coerce",
            "field_types", "field_docs", "OPTIMIZERS", "DTYPES", "field"]
 
-_check = check_field  # TODO(lead): remove once experiments/sentiment.py imports check_field

@@ -226,14 +226,20 @@ def _run_for_hidden(model: torch.nn.Module, base: torch.nn.Module, **inputs) -> 
 
 def _selected_token_logps(model: torch.nn.Module, inputs: dict, keep: Tensor, pick: Tensor, targets: Tensor,
                           chunk_size: int | None) -> Tensor:
-    """Per-target log-probs [M]: logits only at the ``keep`` positions ([rows, L] bool), each computed once."""
+    """Per-target log-probs [M]: logits only at the ``keep`` positions ([rows, L] bool), each computed once.
+
+    The LM head runs on the kept hidden states only (never on prompt or pad positions); with ``chunk_size`` it
+    runs chunk by chunk so the [M, V] logits never exist at once.
+    """
     base = unwrap_model(model)
+    hidden = _run_for_hidden(model, base, **inputs)[keep]  # [U, H], row-major
+    head, transform = base.get_output_embeddings(), _head_transform(base)
     if chunk_size:
-        hidden = _run_for_hidden(model, base, **inputs)[keep]  # [U, H], row-major
-        return chunked_token_logps(hidden[pick], base.get_output_embeddings(), targets, chunk_size,
-                                   _head_transform(base))
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # [U, V]
-    logits = logits.reshape(-1, logits.shape[-1]).float()
+        return chunked_token_logps(hidden[pick], head, targets, chunk_size, transform)
+    logits = head(hidden)
+    if transform is not None:
+        logits = transform(logits)
+    logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1)
     return logits[pick, targets] - lse[pick]
 

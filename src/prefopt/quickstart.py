@@ -48,4 +48,4 @@ def run_quickstart(output_dir: str | Path = "runs/quickstart", *, steps: int | N
     return result
 
 
-__all__ = ["run_quickstart", "QUICKSTART_SETTINGS"]
+__all__ = ["QUICKSTART_SETTINGS", "run_quickstart"]

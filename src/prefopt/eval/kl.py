@@ -20,8 +20,9 @@ bound of the full KL). ``best_of_n_kl`` is the closed form for Best-of-N samplin
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -134,5 +135,12 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-__all__ = ["MeanEstimate", "KLEstimate", "clustered_mean", "kl_from_logps", "sequence_logps", "estimate_kl",
-           "best_of_n_kl"]
+__all__ = [
+    "KLEstimate",
+    "MeanEstimate",
+    "best_of_n_kl",
+    "clustered_mean",
+    "estimate_kl",
+    "kl_from_logps",
+    "sequence_logps",
+]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 MARKERS = {"sft": "s", "dpo": "o", "ppo-rm": "^", "ppo-gt": "v", "best-of-n": "D"}
 

@@ -20,8 +20,8 @@ polarity ("not bad" is positive). Same seed, same corpus.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 # ---------------------------------------------------------------------------------------------- lexicon
 
@@ -153,5 +153,14 @@ def review_prompt(text: str, num_words: int) -> str:
     return " ".join(text.split()[:num_words])
 
 
-__all__ = ["VALENCES", "NEGATORS", "CLAUSE_BREAKS", "Review", "valence", "reward", "generate_reviews",
-           "make_review", "review_prompt"]
+__all__ = [
+    "CLAUSE_BREAKS",
+    "NEGATORS",
+    "VALENCES",
+    "Review",
+    "generate_reviews",
+    "make_review",
+    "review_prompt",
+    "reward",
+    "valence",
+]

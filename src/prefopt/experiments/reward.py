@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import pickle
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import ConfigError
 from . import corpus
@@ -74,7 +75,7 @@ class ClassifierReward:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "ClassifierReward":
+    def load(cls, path: str | Path) -> ClassifierReward:
         """Load a classifier this module saved (pickle: only load files you wrote yourself)."""
         with Path(path).open("rb") as f:
             state = pickle.load(f)
@@ -131,4 +132,4 @@ def split_reviews(reviews: Sequence[Any], fractions: Sequence[float], seed: int)
     return parts
 
 
-__all__ = ["CorpusReward", "ClassifierReward", "train_classifier", "read_polarity_dir", "split_reviews"]
+__all__ = ["ClassifierReward", "CorpusReward", "read_polarity_dir", "split_reviews", "train_classifier"]

@@ -32,14 +32,21 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from ..config import _check
+from ..config import check_field
 from ..errors import ConfigError
 from . import corpus as corpus_mod
-from .reward import ClassifierReward, CorpusReward, read_polarity_dir, split_reviews, train_classifier
+from .reward import (
+    ClassifierReward,
+    CorpusReward,
+    read_polarity_dir,
+    split_reviews,
+    train_classifier,
+)
 
 METHODS = ("dpo", "ppo-rm", "ppo-gt", "best-of-n")
 SPLIT = (0.5, 0.4, 0.1)  # SFT text, classifier training, held out
@@ -122,39 +129,50 @@ class SentimentConfig:
             raise ConfigError("'output_dir' is required (flag --output-dir).")
         self.methods = [str(m).strip() for m in self.methods]
         for m in self.methods:
-            _check(m in METHODS, "methods", m, f"among {', '.join(METHODS)}")
-        try:
-            self.betas = [float(b) for b in self.betas]
-            self.kl_coefs = [float(c) for c in self.kl_coefs]
-            self.best_of_n = [int(n) for n in self.best_of_n]
-        except ValueError as e:
-            raise ConfigError(f"betas / kl_coefs / best_of_n must be comma-separated numbers: {e}") from None
+            check_field(m in METHODS, "methods", m, f"among {', '.join(METHODS)}")
+        self.betas = _numbers("betas", self.betas, float)
+        self.kl_coefs = _numbers("kl_coefs", self.kl_coefs, float)
+        self.best_of_n = _numbers("best_of_n", self.best_of_n, int)
         from ..models import MODEL_SIZES
 
-        _check(self.size in MODEL_SIZES, "size", self.size, f"one of {', '.join(MODEL_SIZES)}")
-        _check(all(b > 0 for b in self.betas), "betas", self.betas, "positive numbers")
-        _check(all(c >= 0 for c in self.kl_coefs), "kl_coefs", self.kl_coefs, "numbers >= 0")
-        _check(all(n >= 1 for n in self.best_of_n), "best_of_n", self.best_of_n, "integers >= 1")
-        _check(self.bon_selector in ("ground_truth", "reward_model"), "bon_selector", self.bon_selector,
+        check_field(self.size in MODEL_SIZES, "size", self.size, f"one of {', '.join(MODEL_SIZES)}")
+        check_field(all(b > 0 for b in self.betas), "betas", self.betas, "positive numbers")
+        check_field(all(c >= 0 for c in self.kl_coefs), "kl_coefs", self.kl_coefs, "numbers >= 0")
+        check_field(all(n >= 1 for n in self.best_of_n), "best_of_n", self.best_of_n, "integers >= 1")
+        check_field(self.bon_selector in ("ground_truth", "reward_model"), "bon_selector", self.bon_selector,
                "ground_truth or reward_model")
         if self.bon_selector == "reward_model" and "best-of-n" in self.methods and "ppo-rm" not in self.methods:
             raise ConfigError("bon_selector reward_model needs the reward model of the ppo-rm method: add ppo-rm to "
                               "methods or use bon_selector ground_truth.")
-        _check(1 <= self.prompt_words_min <= self.prompt_words_max, "prompt_words_min", self.prompt_words_min,
+        check_field(1 <= self.prompt_words_min <= self.prompt_words_max, "prompt_words_min", self.prompt_words_min,
                f"between 1 and prompt_words_max ({self.prompt_words_max})")
-        _check(self.samples_per_prompt >= 2, "samples_per_prompt", self.samples_per_prompt, "an integer >= 2")
+        check_field(self.samples_per_prompt >= 2, "samples_per_prompt", self.samples_per_prompt, "an integer >= 2")
         for name in ("corpus_size", "num_prompts", "eval_prompts", "eval_samples", "max_new_tokens", "sft_epochs",
                      "sft_batch_size", "dpo_epochs", "dpo_batch_size", "ppo_steps", "ppo_rollout_batch_size",
                      "ppo_batch_size", "ppo_epochs", "rm_epochs", "rm_batch_size", "generation_batch_size",
                      "micro_batch_size", "vocab_size"):
-            _check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
-        _check(self.max_length > self.max_new_tokens, "max_length", self.max_length,
+            check_field(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        check_field(self.max_length > self.max_new_tokens, "max_length", self.max_length,
                f"larger than max_new_tokens ({self.max_new_tokens})")
         for name in ("sft_steps", "dpo_steps"):
-            _check(getattr(self, name) is None or getattr(self, name) >= 1, name, getattr(self, name),
+            check_field(getattr(self, name) is None or getattr(self, name) >= 1, name, getattr(self, name),
                    "an integer >= 1 (or none)")
-        _check(self.ppo_rollout_batch_size % self.ppo_batch_size == 0, "ppo_rollout_batch_size",
+        check_field(self.ppo_rollout_batch_size % self.ppo_batch_size == 0, "ppo_rollout_batch_size",
                self.ppo_rollout_batch_size, f"a multiple of ppo_batch_size ({self.ppo_batch_size})")
+
+
+def _numbers(name: str, values: Any, kind: type) -> list:
+    if isinstance(values, str):
+        values = [v for v in values.split(",") if v.strip()]
+    try:
+        out = [kind(float(v)) if kind is int and float(v).is_integer() else kind(v) for v in values]
+    except (TypeError, ValueError):
+        raise ConfigError(f"invalid {name} = {values!r}: must be a comma-separated list of "
+                          f"{'integers' if kind is int else 'numbers'}, e.g. --{name.replace('_', '-')} "
+                          f"{'4,16' if kind is int else '0.1,0.5'}.") from None
+    if not out:
+        raise ConfigError(f"invalid {name}: give at least one value.")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -412,7 +430,7 @@ class SentimentExperiment:
             if len(rows) < 2:
                 raise ConfigError("fewer than 2 preference pairs: sample more prompts (--num-prompts) or more "
                                   "completions per prompt (--samples-per-prompt)")
-            mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+            mean = lambda xs: sum(xs) / len(xs)
             return {"pairs": len(rows), "skipped_ties": report.skipped_ties, "skipped_single": report.skipped_single,
                     "duplicates": duplicates, "empty": empty, "mean_chosen_reward": mean([r["chosen_score"] for r in rows]),
                     "mean_rejected_reward": mean([r["rejected_score"] for r in rows])}
@@ -553,7 +571,7 @@ class SentimentExperiment:
             texts = ([s.prompt for s in samples], [s.response for s in samples])
             true_r = self.reward_fn(*texts)
             if cfg.bon_selector == "reward_model":
-                from ..label import reward_model_fn
+                from ..rewards import reward_model_fn
 
                 select_r = reward_model_fn(str(self.out / "rm" / "model"), batch_size=cfg.micro_batch_size)(*texts)
             else:
@@ -666,4 +684,4 @@ def run_sentiment(cfg: SentimentConfig, log: Callable[[str], None] = print) -> d
     return SentimentExperiment(cfg, log).run()
 
 
-__all__ = ["SentimentConfig", "SentimentExperiment", "Stages", "run_sentiment", "METHODS"]
+__all__ = ["METHODS", "SentimentConfig", "SentimentExperiment", "Stages", "run_sentiment"]
