@@ -116,7 +116,7 @@ def prepare(work: Path, sizes: list[str], n_pairs: int, n_hh: int) -> dict:
 
 def workload_stats(model_dir: str, data: str, max_length: int, max_prompt_length: int) -> dict:
     from prefopt.data import load_preferences, tokenize_examples
-    from prefopt.models import load_tokenizer, parameter_count
+    from prefopt.models import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     examples, _ = load_preferences(data, skip_bad=True)

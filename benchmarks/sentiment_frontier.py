@@ -4,6 +4,8 @@ Not a test; run by hand from the repository root:
 
     python benchmarks/sentiment_frontier.py                 # 3 seeds, 800 prompts x 4 samples (hours on 2 cores)
     python benchmarks/sentiment_frontier.py --quick         # tiny budget, 1 seed: checks the pipeline end to end
+    python benchmarks/sentiment_frontier.py --seeds 1 --set kl_coefs=0.05,0.2 --output-dir runs/f1   # one seed, changed budget
+    python benchmarks/sentiment_frontier.py --merge runs/f0,runs/f1,runs/f2 --output-dir runs/f   # seeds run apart -> one report
 
 Each seed is one ``prefopt experiment sentiment`` run (``prefopt.experiments.sentiment``) on
 ``../shared/data/rt-polarity``: a fresh Llama-style model SFT'd on half of the reviews, a TF-IDF + logistic
@@ -146,18 +148,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(RT), help="rt-polarity-style folder (*.pos / *.neg)")
     parser.add_argument("--output-dir", default=None, help="default runs/sentiment_frontier[_quick]")
     parser.add_argument("--methods", default="dpo,ppo-rm,ppo-gt,best-of-n")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a budget entry (a SentimentConfig field; lists comma-separated), repeatable")
+    parser.add_argument("--merge", default=None, metavar="DIRS",
+                        help="comma-separated output dirs of runs made apart (e.g. one seed each): combine their "
+                             "frontier.json into one report in --output-dir, without running anything")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge([Path(d) for d in args.merge.split(",")], Path(args.output_dir or "runs/sentiment_frontier"))
 
     import torch
 
-    from prefopt.eval.plots import plot_reward_vs_kl
     from prefopt.experiments.sentiment import SentimentConfig, run_sentiment
 
     if not Path(args.data).is_dir():
         print(f"rt-polarity not found at {args.data} (it lives in ../shared/data beside the repository)",
               file=sys.stderr)
         return 2
-    budget = QUICK if args.quick else FULL
+    budget = dict(QUICK if args.quick else FULL)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in budget and key not in SentimentConfig.__dataclass_fields__:
+            parser.error(f"--set {item}: unknown key {key!r}")
+        budget[key] = [float(v) if "." in v else int(v) for v in value.split(",")] if "," in value or \
+            isinstance(budget.get(key), list) else (float(value) if "." in value else int(value))
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     out = Path(args.output_dir or ("runs/sentiment_frontier_quick" if args.quick else "runs/sentiment_frontier"))
     methods = args.methods.split(",")
@@ -171,18 +185,39 @@ def main(argv: list[str] | None = None) -> int:
             points.append({**row, "seed": seed})
         reward_info[seed] = {k: v for k, v in result["meta"].items() if "classifier" in k or k == "reward"}
         accuracy[seed] = pair_accuracies(out / f"seed{seed}", cfg.betas, "ppo-rm" in methods)
-    summary = {"seeds": seeds, "data": args.data, "budget": "quick" if args.quick else "full", "config": budget,
+    summary = {"seeds": seeds, "data": args.data,
+               "budget": ("quick" if args.quick else "full") + (" with " + ", ".join(args.set) if args.set else ""),
+               "config": budget,
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "seconds": time.perf_counter() - started, "points": points, "kl_bins": kl_bins(points),
                "accuracy": accuracy, "reward": reward_info}
+    return write_outputs(summary, out)
+
+
+def write_outputs(summary: dict[str, Any], out: Path) -> int:
+    from prefopt.eval.plots import plot_reward_vs_kl
+
+    out.mkdir(parents=True, exist_ok=True)
     (out / "frontier.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     md = markdown(summary)
     (out / "frontier.md").write_text(md)
-    plot_reward_vs_kl([p for p in points], out / "frontier.png", title="rt-polarity: reward vs KL (all seeds)",
+    plot_reward_vs_kl(summary["points"], out / "frontier.png", title="rt-polarity: reward vs KL (all seeds)",
                       reward_label="classifier log-odds (ground truth)")
     print(md)
     print(f"wrote {out / 'frontier.json'}, {out / 'frontier.md'}, {out / 'frontier.png'}")
     return 0
+
+
+def merge(dirs: list[Path], out: Path) -> int:
+    """One report from several runs' frontier.json (e.g. seeds run as separate processes)."""
+    parts = [json.loads((d / "frontier.json").read_text()) for d in dirs]
+    points = [p for s in parts for p in s["points"]]
+    summary = {"seeds": [x for s in parts for x in s["seeds"]], "data": parts[0]["data"],
+               "budget": parts[0]["budget"], "config": parts[0]["config"], "device": parts[0]["device"],
+               "seconds": max(s["seconds"] for s in parts), "points": points, "kl_bins": kl_bins(points),
+               "accuracy": {k: v for s in parts for k, v in s["accuracy"].items()},
+               "reward": {k: v for s in parts for k, v in s["reward"].items()}}
+    return write_outputs(summary, out)
 
 
 if __name__ == "__main__":
