@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import ConfigError, DataError
 from .load import iter_rows_lenient
@@ -184,9 +184,18 @@ def load_preferences(path: Any, *, format: str = "auto", split: str | None = Non
     """
     if format != "auto" and format not in FORMATS:
         raise ConfigError(f"unknown data format '{format}'; choose one of: auto, {', '.join(FORMATS)}")
+    return read_examples(path, detect_format, to_example, format=format, split=split, skip_bad=skip_bad,
+                         limit=limit)
+
+
+def read_examples(path: Any, detect: Callable[[dict, str], str], convert: Callable[[dict, str, str], Any], *,
+                  format: str = "auto", split: str | None = None, skip_bad: bool = False, limit: int | None = None
+                  ) -> tuple[list[Any], LoadReport]:
+    """Rows -> examples with ``convert(row, source, fmt)``; the format comes from ``detect`` on the first good
+    row unless named. Without ``skip_bad`` the first bad row raises DataError; with it, bad rows are counted."""
     label = str(path) if isinstance(path, (str, os.PathLike)) else type(path).__name__
     report = LoadReport(source=label, format=None if format == "auto" else format)
-    examples = []
+    examples: list[Any] = []
     for row, source in iter_rows_lenient(path, split):
         if limit is not None and len(examples) >= limit:
             break
@@ -194,8 +203,8 @@ def load_preferences(path: Any, *, format: str = "auto", split: str | None = Non
             if isinstance(row, DataError):
                 raise row
             if report.format is None:
-                report.format = detect_format(row, source)
-            examples.append(to_example(row, source, report.format))
+                report.format = detect(row, source)
+            examples.append(convert(row, source, report.format))
         except DataError as e:
             if not skip_bad:
                 raise

@@ -20,19 +20,16 @@ multi-turn conversation is tokenized segment by segment; which of its response t
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
 from .collate import collate_preferences
 from .formats import FORMATS as PREFERENCE_FORMATS
-from .formats import LoadReport, text_field, load_preferences
-from .load import iter_rows_lenient
-from .tokenize import PROGRESS_MIN, SpecialTokens, TokenizeReport, encode_response, tokenize_example
+from .formats import LoadReport, load_preferences, read_examples, text_field
+from .tokenize import SpecialTokens, TokenizeReport, encode_response, tokenize_all, tokenize_example
 from .types import Message, PreferenceExample, Text, TokenizedExample
 
 SFT_FORMATS = ("explicit", "conversational", "text")
@@ -123,24 +120,8 @@ def load_sft(path: Any, *, format: str = "auto", split: str | None = None, skip_
     if format != "auto" and format not in SFT_FORMATS:
         hint = " (a preference format: add --from-preferences)" if format in PREFERENCE_FORMATS else ""
         raise ConfigError(f"unknown SFT data format '{format}'{hint}; choose one of: auto, {', '.join(SFT_FORMATS)}")
-    label = str(path) if isinstance(path, (str, os.PathLike)) else type(path).__name__
-    report = LoadReport(source=label, format=None if format == "auto" else format)
-    examples: list[SFTExample] = []
-    for row, source in iter_rows_lenient(path, split):
-        if limit is not None and len(examples) >= limit:
-            break
-        try:
-            if isinstance(row, DataError):
-                raise row
-            if report.format is None:
-                report.format = detect_sft_format(row, source)
-            examples.append(to_sft_example(row, source, report.format))
-        except DataError as e:
-            if not skip_bad:
-                raise
-            report.add_skip(e)
-    report.loaded = len(examples)
-    return examples, report
+    return read_examples(path, detect_sft_format, to_sft_example, format=format, split=split, skip_bad=skip_bad,
+                         limit=limit)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,18 +211,7 @@ def tokenize_sft(examples: Sequence[SFTExample], tokenizer: Any, *, max_length: 
                  max_prompt_length: int | None = None) -> tuple[list[TokenizedExample], TokenizeReport]:
     """Tokenize many SFT examples; rows that cannot fit are dropped and counted in the report."""
     sp = SpecialTokens.of(tokenizer)
-    out, report = [], TokenizeReport(total=len(examples))
-    for ex in tqdm(examples, desc="tokenizing", disable=len(examples) <= PROGRESS_MIN):
-        tok = _tokenize_sft(ex, tokenizer, sp, max_length, max_prompt_length)
-        if tok is None:
-            report.dropped += 1
-            if len(report.dropped_sources) < 3:
-                report.dropped_sources.append(ex.source)
-            continue
-        report.truncated += tok.meta["truncated"]
-        out.append(tok)
-    report.kept = len(out)
-    return out, report
+    return tokenize_all(examples, lambda ex: _tokenize_sft(ex, tokenizer, sp, max_length, max_prompt_length))
 
 
 def collate_sft(batch: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor | int]:

@@ -8,7 +8,7 @@ when the tokenizer normally adds one; EOS ends each response exactly once (unles
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
@@ -115,9 +115,16 @@ def tokenize_examples(examples: Sequence[PreferenceExample], tokenizer: Any, *, 
                       max_prompt_length: int | None = None) -> tuple[list[TokenizedExample], TokenizeReport]:
     """Tokenize many examples; rows that cannot fit are dropped and counted in the report."""
     sp = SpecialTokens.of(tokenizer)
+    return tokenize_all(examples, lambda ex: tokenize_example(ex, tokenizer, max_length=max_length,
+                                                              max_prompt_length=max_prompt_length, specials=sp))
+
+
+def tokenize_all(examples: Sequence[Any], tokenize_one: Callable[[Any], TokenizedExample | None]
+                 ) -> tuple[list[TokenizedExample], TokenizeReport]:
+    """Apply ``tokenize_one`` to every example, counting truncated and dropped (None) ones."""
     out, report = [], TokenizeReport(total=len(examples))
     for ex in tqdm(examples, desc="tokenizing", disable=len(examples) <= PROGRESS_MIN):
-        tok = tokenize_example(ex, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, specials=sp)
+        tok = tokenize_one(ex)
         if tok is None:
             report.dropped += 1
             if len(report.dropped_sources) < 3:

@@ -248,6 +248,19 @@ class Checkpointer:
         return json.loads((path / "trainer_state.json").read_text())
 
 
+@contextlib.contextmanager
+def checkpoint_on_interrupt(save: Callable[[], Path], accelerator: Accelerator, *to_close: Any):
+    """On Ctrl-C: close the progress bar and logs, save a checkpoint at the last finished step, re-raise."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        for obj in to_close:
+            obj.close()
+        path = save()
+        accelerator.print(f"\ninterrupted: checkpoint saved to {path}; continue with --resume auto (same output dir)")
+        raise
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Logging
 
@@ -358,7 +371,8 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_ite
         return {"total_steps": total_steps, "epoch": schedule.epoch_of(step), "seed": cfg.seed}
 
     model.train()
-    try:
+    save_now = lambda: checkpointer.save(step, accelerator, model, optimizer, scheduler, checkpoint_state())  # noqa: E731
+    with checkpoint_on_interrupt(save_now, accelerator, bar, log):
         while step < total_steps:
             t0 = time.perf_counter()
             global_idx = schedule.indices(step)
@@ -405,14 +419,7 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_ite
                                                       accelerator).means(unit, prefix="eval/")}
                 log.write(last_eval)
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                checkpointer.save(step, accelerator, model, optimizer, scheduler, checkpoint_state())
-    except KeyboardInterrupt:
-        bar.close()
-        path = checkpointer.save(step, accelerator, model, optimizer, scheduler, checkpoint_state())
-        accelerator.print(f"\ninterrupted at step {step}: checkpoint saved to {path}; "
-                          f"continue with --resume auto (same output dir)")
-        log.close()
-        raise
+                save_now()
     bar.close()
 
     if eval_items:

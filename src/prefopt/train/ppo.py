@@ -44,8 +44,9 @@ from ..errors import ConfigError, DataError
 from ..logprobs import token_logps
 from ..models import load_tokenizer, reference_mode
 from ..rewards import RewardFn, call_reward_fn, load_reward_fn, reward_model_fn
-from .loop import (BatchSchedule, Checkpointer, MetricSums, MetricsLog, StepResult, build_optimizer,
-                   build_scheduler, find_checkpoint, format_summary, load_model_weights, micro_batches, to_device)
+from .loop import (BatchSchedule, Checkpointer, MetricSums, MetricsLog, StepResult, build_optimizer, build_scheduler,
+                   checkpoint_on_interrupt, find_checkpoint, format_summary, load_model_weights, micro_batches,
+                   to_device)
 from .setup import load_policy, save_model_and_tokenizer
 
 """(prompts, responses) -> one score per response."""
@@ -482,7 +483,8 @@ def train_ppo(cfg: PPOConfig, accelerator: Accelerator | None = None, *,
         return {"step": step, **{f"eval/{k}": stats[k] for k in ("reward", "kl", "entropy", "response_length")}}
 
     model.train()
-    try:
+    save_now = lambda: checkpointer.save(step, accelerator, model, optimizer, scheduler, checkpoint_state())  # noqa: E731
+    with checkpoint_on_interrupt(save_now, accelerator, bar, log):
         while step < total_steps:
             t0 = time.perf_counter()
             idx = schedule.indices(step)
@@ -530,14 +532,7 @@ def train_ppo(cfg: PPOConfig, accelerator: Accelerator | None = None, *,
                 last_eval = evaluate()
                 log.write(last_eval)
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                checkpointer.save(step, accelerator, model, optimizer, scheduler, checkpoint_state())
-    except KeyboardInterrupt:
-        bar.close()
-        path = checkpointer.save(step, accelerator, model, optimizer, scheduler, checkpoint_state())
-        accelerator.print(f"\ninterrupted at step {step}: checkpoint saved to {path}; "
-                          f"continue with --resume auto (same output dir)")
-        log.close()
-        raise
+                save_now()
     bar.close()
     if eval_ids:
         last_eval = evaluate()
