@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -79,37 +81,40 @@ def test_one_micro_batch_of_8_equals_eight_of_1(tiny_model_dir, synthetic_pairs,
 
 def test_resumed_run_equals_uninterrupted(tiny_model_dir, synthetic_pairs, tmp_path, monkeypatch):
     full = tmp_path / "full"
-    train_dpo(cfg(tiny_model_dir, synthetic_pairs, full, max_steps=6, save_every=2, micro_batch_size=4))
+    train_dpo(cfg(tiny_model_dir, synthetic_pairs, full, max_steps=8, save_every=2, micro_batch_size=4))
 
-    # Interrupt the same run after 5 optimizer steps (10 micro-batches): the loop saves a checkpoint at the
-    # last completed step, besides those of save_every.
+    # Ctrl-C (a real SIGINT) in the middle of step 6 (its first of two micro-batches): the loop finishes the
+    # step, saves a checkpoint at that boundary and stops.
     crashed = tmp_path / "crashed"
     calls = {"n": 0}
     real_step = DPO.step
 
-    def flaky(self, model, batch):
+    def interrupted(self, model, batch):
         calls["n"] += 1
         if calls["n"] == 11:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
         return real_step(self, model, batch)
 
-    monkeypatch.setattr(DPO, "step", flaky)
+    monkeypatch.setattr(DPO, "step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train_dpo(cfg(tiny_model_dir, synthetic_pairs, crashed, max_steps=6, save_every=2, micro_batch_size=4))
+        train_dpo(cfg(tiny_model_dir, synthetic_pairs, crashed, max_steps=8, save_every=2, micro_batch_size=4))
     monkeypatch.setattr(DPO, "step", real_step)
+    assert calls["n"] == 12  # step 6 ran to its end
     ckpts = sorted(p.name for p in (crashed / "checkpoints").iterdir())
-    assert ckpts == ["step-0000004", "step-0000005"]  # keep_checkpoints=2
-    assert max(r["step"] for r in rows(crashed)) == 5
+    assert ckpts == ["step-0000004", "step-0000006"]  # keep_checkpoints=2; step 6 saved once
+    assert max(r["step"] for r in rows(crashed)) == 6
+    (crashed / "checkpoints" / "step-0000007.tmp").mkdir()  # a half-written checkpoint is never picked up
+    (crashed / "checkpoints" / "step-0000007.tmp" / "trainer_state.json").write_text("{}")
 
-    summary = train_dpo(cfg(tiny_model_dir, synthetic_pairs, crashed, max_steps=6, save_every=2, micro_batch_size=4,
+    summary = train_dpo(cfg(tiny_model_dir, synthetic_pairs, crashed, max_steps=8, save_every=2, micro_batch_size=4,
                             resume="auto"))
-    assert summary["resumed_from"] == 5
+    assert summary["resumed_from"] == 6
     assert_same_run(full, crashed)
 
     # resuming from an explicit mid-run (save_every) checkpoint gives the same result too
     again = tmp_path / "again"
     again.mkdir()
-    summary = train_dpo(cfg(tiny_model_dir, synthetic_pairs, again, max_steps=6, micro_batch_size=4,
+    summary = train_dpo(cfg(tiny_model_dir, synthetic_pairs, again, max_steps=8, micro_batch_size=4,
                             resume=str(crashed / "checkpoints" / "step-0000004")))
     assert summary["resumed_from"] == 4
     wa, wb = weights(full), weights(again)

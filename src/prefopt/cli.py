@@ -187,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PrefoptError as e:
         print(f"prefopt: error: {e}", file=sys.stderr)
         return 2
+    except (OSError, ConnectionError) as e:  # a missing or unreadable model/data path, or the hub while offline
+        print(f"prefopt: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -5,7 +5,7 @@ class PrefoptError(Exception):
     """Base class: a problem the user can fix. The CLI prints its message without a traceback."""
 
 
-class DataError(PrefoptError):
+class DataError(PrefoptError, ValueError):
     """A bad input row or file. The message names file, line and field."""
 
     def __init__(self, message: str, source: str | None = None, field: str | None = None, reason: str = "invalid"):
@@ -17,5 +17,5 @@ class DataError(PrefoptError):
         super().__init__(f"{where}:{what} {message}")
 
 
-class ConfigError(PrefoptError):
+class ConfigError(PrefoptError, ValueError):
     """An invalid configuration value or unknown key."""

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .data.formats import text_field
 from .data.load import iter_rows
-from .data.tokenize import SpecialTokens
+from .data.tokenize import SpecialTokens, encode_prompt
 from .data.types import Text
 from .errors import ConfigError, DataError
 
@@ -77,22 +77,6 @@ def read_prompts(path: str | Path) -> list[Text]:
     if not prompts:
         raise DataError("no prompts in file", source=str(p), reason="empty_file")
     return prompts
-
-
-def encode_prompt(prompt: Text, tokenizer: Any, specials: SpecialTokens | None = None) -> list[int]:
-    """Token ids of a prompt, exactly as ``prefopt.data.tokenize_example`` makes the prompt of a DPO example."""
-    sp = specials or SpecialTokens.of(tokenizer)
-    if isinstance(prompt, list):
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError("a message-list prompt needs a tokenizer with a chat_template", field="prompt",
-                            reason="no_chat_template")
-        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if sp.bos_id is not None and ids[:1] != [sp.bos_id]:
-        ids = [sp.bos_id] + ids
-    if not ids:
-        raise DataError("prompt tokenizes to nothing", field="prompt", reason="empty_field")
-    return ids
 
 
 # ----------------------------------------------------------------------------------------- sampling

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError
+
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=192),
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=688),
@@ -40,6 +42,16 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
+
+def check_model_path(name: str, what: str = "model") -> None:
+    """A local-looking path that does not exist is an error here, not a confusing hub lookup later."""
+    p = Path(name).expanduser()
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or p.suffix in (".json", ".safetensors")
+    if looks_local and not p.exists():
+        raise ConfigError(f"{what} not found: {name} (give a folder written by save_pretrained, e.g. by "
+                          f"'prefopt model init', or a hub name when online)")
+
+
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
     """Train a byte-level BPE tokenizer; encode adds no BOS/EOS (the data layer adds them)."""
@@ -71,10 +83,11 @@ def load_tokenizer(path, *, trust_remote_code: bool = False):
     """AutoTokenizer from a local path or name; a missing pad token falls back to EOS (with a warning)."""
     from transformers import AutoTokenizer
 
+    check_model_path(str(path))
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ValueError(f"tokenizer at {path} has neither a pad nor an eos token; set one of them")
+            raise ConfigError(f"tokenizer at {path} has neither a pad nor an eos token; set one of them")
         warnings.warn(f"tokenizer at {path} has no pad token; using eos {tok.eos_token!r} as pad", stacklevel=2)
         tok.pad_token = tok.eos_token
     return tok
@@ -151,7 +164,7 @@ def init_model(size: str, output_dir, *, corpus=None, vocab_size: int | None = N
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if size not in MODEL_SIZES:
-        raise ValueError(f"unknown model size {size!r}; choose one of: {', '.join(MODEL_SIZES)}")
+        raise ConfigError(f"unknown model size {size!r}; choose one of: {', '.join(MODEL_SIZES)}")
     texts, corpus_desc = _read_corpus(corpus)
     tok = train_tokenizer(texts, vocab_size=vocab_size or 4096)
     dims = MODEL_SIZES[size]
@@ -187,9 +200,10 @@ def load_model(path, *, dtype="float32", trust_remote_code: bool = False, device
     (still loaded with torch's weights_only)."""
     from transformers import AutoModelForCausalLM
 
+    check_model_path(str(path))
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else DTYPES.get(dtype)
     if torch_dtype not in DTYPES.values():
-        raise ValueError(f"unsupported dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+        raise ConfigError(f"unsupported dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     with quiet_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(
             str(path),

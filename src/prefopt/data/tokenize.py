@@ -12,8 +12,8 @@ from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from ..errors import DataError
-from .types import Message, PreferenceExample, TokenizedExample
+from ..errors import ConfigError, DataError
+from .types import Message, PreferenceExample, Text, TokenizedExample
 
 PROGRESS_MIN = 2000
 
@@ -27,7 +27,7 @@ class SpecialTokens:
     @classmethod
     def of(cls, tokenizer: Any) -> "SpecialTokens":
         if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no eos_token; set one (e.g. tokenizer.eos_token = ...)")
+            raise ConfigError("the tokenizer has no eos_token; set one (e.g. tokenizer.eos_token = ...)")
         bos = tokenizer.bos_token_id
         adds_bos = (bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
                     and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos])
@@ -50,6 +50,22 @@ def _render_chat(ex: PreferenceExample, tokenizer: Any) -> tuple[str, list[str]]
                             "ambiguous", source=ex.source, reason="chat_template")
         responses.append(full[len(prompt):])
     return prompt, responses
+
+
+def encode_prompt(prompt: Text, tokenizer: Any, specials: SpecialTokens | None = None) -> list[int]:
+    """Token ids of a prompt, exactly as ``prefopt.data.tokenize_example`` makes the prompt of a DPO example."""
+    sp = specials or SpecialTokens.of(tokenizer)
+    if isinstance(prompt, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("a message-list prompt needs a tokenizer with a chat_template", field="prompt",
+                            reason="no_chat_template")
+        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if sp.bos_id is not None and ids[:1] != [sp.bos_id]:
+        ids = [sp.bos_id] + ids
+    if not ids:
+        raise DataError("prompt tokenizes to nothing", field="prompt", reason="empty_field")
+    return ids
 
 
 def encode_response(text: str, tokenizer: Any, sp: SpecialTokens) -> list[int]:

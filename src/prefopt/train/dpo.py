@@ -147,9 +147,8 @@ def precompute_reference(reference: ReferenceFn, policy: torch.nn.Module, items:
     """
     key = hashlib.sha256(f"{model_key}|{data_fingerprint(items)}".encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"ref-logps-{key}.safetensors"
-    if path.is_file():
-        return load_file(str(path))["reference_logps"], path, True
-    if accelerator.is_main_process:
+    cached = path.is_file()
+    if accelerator.is_main_process and not cached:
         out = []
         was_training = policy.training
         policy.eval()
@@ -164,8 +163,8 @@ def precompute_reference(reference: ReferenceFn, policy: torch.nn.Module, items:
         tmp = path.with_suffix(".tmp")
         save_file({"reference_logps": torch.cat(out)}, str(tmp))
         tmp.rename(path)
-    accelerator.wait_for_everyone()
-    return load_file(str(path))["reference_logps"], path, False
+    accelerator.wait_for_everyone()  # every process passes here, cached or not
+    return load_file(str(path))["reference_logps"], path, cached
 
 
 # ---------------------------------------------------------------------------------------------------------

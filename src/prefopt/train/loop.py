@@ -18,6 +18,8 @@ import contextlib
 import json
 import math
 import random
+import re
+import signal
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -157,8 +159,9 @@ def _checkpoint_dirs(output_dir: Path) -> list[Path]:
     root = output_dir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted((p for p in root.glob("step-*") if p.is_dir() and (p / "trainer_state.json").is_file()),
-                  key=lambda p: int(p.name.split("-")[1]))
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := re.fullmatch(r"step-(\d+)", p.name)) and (p / "trainer_state.json").is_file()]
+    return [p for _, p in sorted(found)]
 
 
 def find_checkpoint(resume: str, output_dir: Path) -> Path | None:
@@ -206,6 +209,8 @@ class Checkpointer:
 
     def save(self, step: int, accelerator: Accelerator, model, optimizer, scheduler, extra: dict) -> Path:
         final = self.output_dir / "checkpoints" / f"step-{step:07d}"
+        if (final / "trainer_state.json").is_file():  # this step boundary is saved already
+            return final
         tmp = final.with_name(final.name + ".tmp")
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -248,17 +253,44 @@ class Checkpointer:
         return json.loads((path / "trainer_state.json").read_text())
 
 
-@contextlib.contextmanager
-def checkpoint_on_interrupt(save: Callable[[], Path], accelerator: Accelerator, *to_close: Any):
-    """On Ctrl-C: close the progress bar and logs, save a checkpoint at the last finished step, re-raise."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        for obj in to_close:
-            obj.close()
-        path = save()
-        accelerator.print(f"\ninterrupted: checkpoint saved to {path}; continue with --resume auto (same output dir)")
-        raise
+class StopAtStepEnd:
+    """Ctrl-C asks the loop to stop after the step in progress; ``check()`` at each step boundary then saves a
+    checkpoint there and raises KeyboardInterrupt, so a resumed run continues exactly. A second Ctrl-C stops at
+    once (the last checkpoint stays as it was). Across processes the request is shared at every step."""
+
+    def __init__(self, save: Callable[[], Path], accelerator: Accelerator, *to_close: Any):
+        self.save, self.accelerator, self.to_close = save, accelerator, to_close
+        self.requested = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.accelerator.print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again: stop now)")
+
+    def __enter__(self) -> "StopAtStepEnd":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: Ctrl-C then stops at once
+            self._previous = None
+        return self
+
+    def check(self) -> None:
+        requested = self.requested
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(requested)], device=self.accelerator.device)
+            requested = bool(self.accelerator.reduce(flag, reduction="sum").item())
+        if requested:
+            for obj in self.to_close:
+                obj.close()
+            path = self.save()
+            self.accelerator.print(f"stopped: checkpoint {path}; continue with --resume auto (same output dir)")
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,6 +342,7 @@ class MetricsLog:
 def evaluate(model, method: Method, items: Sequence[Any], collate: Callable[[Sequence[Any]], dict],
              micro_batch_size: int, accelerator: Accelerator, desc: str = "eval") -> MetricSums:
     """Run the method's step without gradients over every eval example (sharded across processes)."""
+    model = accelerator.unwrap_model(model)  # no DDP collectives: shards may differ in size (or be empty)
     was_training = model.training
     model.eval()
     sums = MetricSums()
@@ -372,7 +405,7 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_ite
 
     model.train()
     save_now = lambda: checkpointer.save(step, accelerator, model, optimizer, scheduler, checkpoint_state())  # noqa: E731
-    with checkpoint_on_interrupt(save_now, accelerator, bar, log):
+    with StopAtStepEnd(save_now, accelerator, bar, log) as stop:
         while step < total_steps:
             t0 = time.perf_counter()
             global_idx = schedule.indices(step)
@@ -420,6 +453,7 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_ite
                 log.write(last_eval)
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 save_now()
+            stop.check()
     bar.close()
 
     if eval_items:
@@ -455,5 +489,5 @@ def format_summary(summary: dict[str, Any], keys: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["StepResult", "Method", "BatchSchedule", "train", "evaluate", "format_summary", "MetricSums",
+__all__ = ["StepResult", "Method", "BatchSchedule", "StopAtStepEnd", "train", "evaluate", "format_summary", "MetricSums",
            "Checkpointer", "find_checkpoint", "load_model_weights", "build_optimizer", "build_scheduler"]

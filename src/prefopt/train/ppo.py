@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from .. import rl
 from ..config import PPOConfig, save_config
-from ..data import PreferenceExample, detect_format, iter_rows, to_example, tokenize_example
+from ..data import detect_format, iter_rows, to_example
+from ..data.tokenize import SpecialTokens, encode_prompt
 from ..data.formats import text_field
 from ..data.types import Text
 from ..errors import ConfigError, DataError
@@ -45,11 +46,9 @@ from ..logprobs import token_logps
 from ..models import load_tokenizer, reference_mode
 from ..rewards import RewardFn, call_reward_fn, load_reward_fn, reward_model_fn
 from .loop import (BatchSchedule, Checkpointer, MetricSums, MetricsLog, StepResult, build_optimizer, build_scheduler,
-                   checkpoint_on_interrupt, find_checkpoint, format_summary, load_model_weights, micro_batches,
+                   StopAtStepEnd, find_checkpoint, format_summary, load_model_weights, micro_batches,
                    to_device)
 from .setup import load_policy, save_model_and_tokenizer
-
-"""(prompts, responses) -> one score per response."""
 
 VALUE_HEAD_DIR = "value_head"
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -155,21 +154,16 @@ def load_prompts(path: str, split: str | None = None) -> list[Text]:
 
 def encode_prompts(prompts: Sequence[Text], tokenizer: Any, max_prompt_length: int) -> list[list[int]]:
     """Prompt token ids exactly as DPO's tokenizer makes them (BOS once, chat template for messages), cut to
-    the last ``max_prompt_length`` tokens (BOS kept)."""
+    the last ``max_prompt_length`` tokens (BOS kept), as DPO truncates prompts."""
+    sp = SpecialTokens.of(tokenizer)
     out = []
     for pr in prompts:
-        dummy = ["a", "b"]  # tokenize_example tokenizes the prompt on its own; the responses are not used
-        tok = tokenize_example(PreferenceExample(pr, dummy), tokenizer, max_length=None,
-                               max_prompt_length=max_prompt_length)
-        assert tok is not None
-        if not tok.prompt_ids:
-            raise DataError(f"prompt {pr!r:.60} tokenizes to nothing", field="prompt", reason="empty_field")
-        out.append(tok.prompt_ids)
+        ids = encode_prompt(pr, tokenizer, sp)
+        if len(ids) > max_prompt_length:
+            keep = 1 if sp.bos_id is not None and ids[:1] == [sp.bos_id] else 0
+            ids = ids[:keep] + ids[len(ids) - max_prompt_length + keep:]
+        out.append(ids)
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Rewards
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -292,7 +286,7 @@ class PPOStep:
                                                 self.cliprange_value)
         metrics = {"policy_loss": pg.detach(), "value_loss": vf.detach(), "clipfrac": clipfrac,
                    "approx_kl": approx_kl, "value_clipfrac": vf_clipfrac}
-        return StepResult(pg + self.vf_coef * vf, metrics, tokens=int(batch["attention_mask"].sum()))
+        return StepResult(pg + self.vf_coef * vf, metrics, tokens=batch["attention_mask"].sum())
 
 
 ReferenceLogps = Callable[[dict], Tensor]
@@ -484,7 +478,7 @@ def train_ppo(cfg: PPOConfig, accelerator: Accelerator | None = None, *,
 
     model.train()
     save_now = lambda: checkpointer.save(step, accelerator, model, optimizer, scheduler, checkpoint_state())  # noqa: E731
-    with checkpoint_on_interrupt(save_now, accelerator, bar, log):
+    with StopAtStepEnd(save_now, accelerator, bar, log) as stop:
         while step < total_steps:
             t0 = time.perf_counter()
             idx = schedule.indices(step)
@@ -533,6 +527,7 @@ def train_ppo(cfg: PPOConfig, accelerator: Accelerator | None = None, *,
                 log.write(last_eval)
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 save_now()
+            stop.check()
     bar.close()
     if eval_ids:
         last_eval = evaluate()

@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from ..logprobs import split_responses
 from ..models import DTYPES, LORA_TARGETS, disable_dropout, load_tokenizer, quiet_progress_bars
 from .loop import StepResult, format_summary, train
-from .setup import check_model_path, load_preference_items, save_model_and_tokenizer
+from .setup import load_preference_items, save_model_and_tokenizer
 
 RM_SUMMARY_KEYS = ("loss", "accuracy", "rewards/margins")
 
@@ -73,7 +73,7 @@ class RewardModeling:
         r = rewards.detach()
         metrics = {"accuracy": accuracy, "rewards/chosen": r[:, 0], "rewards/rejected": r[:, -1],
                    "rewards/margins": r[:, 0] - r[:, -1]}
-        return StepResult(losses, metrics, tokens=int(batch["attention_mask"].sum()))
+        return StepResult(losses, metrics, tokens=batch["attention_mask"].sum())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def score_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Text],
         tok = tokenize_example(PreferenceExample(p, [r], f"<pair {i}>"), tokenizer, max_length=max_length,
                                max_prompt_length=max_prompt_length, specials=sp)
         if tok is None:
-            raise ValueError(f"pair {i}: the prompt alone fills max_length ({max_length}); raise max_length")
+            raise ConfigError(f"pair {i}: the prompt alone fills max_length ({max_length}); raise max_length")
         items.append(tok)
     device = next(model.parameters()).device
     order = sorted(range(len(items)), key=lambda i: len(items[i].prompt_ids) + len(items[i].response_ids[0]))
@@ -170,7 +170,6 @@ def train_rm(cfg: RMConfig, accelerator: Accelerator | None = None) -> dict[str,
     cfg.validate()
     accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
-    check_model_path(cfg.model)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_preference_items(cfg, tokenizer, accelerator)
     ks = {ex.num_responses for ex in train_items + eval_items}

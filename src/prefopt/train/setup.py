@@ -89,19 +89,7 @@ def load_policy(cfg: TrainConfig, *, with_reference: bool) -> tuple[torch.nn.Mod
     return model, reference
 
 
-def check_model_path(name: str, what: str = "model") -> None:
-    """A local-looking path that does not exist is an error here, not a confusing hub lookup later."""
-    p = Path(name).expanduser()
-    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or p.suffix in (".json", ".safetensors")
-    if looks_local and not p.exists():
-        raise ConfigError(f"{what} not found: {name} (give a folder written by save_pretrained, e.g. by "
-                          f"'prefopt model init', or a hub name when online)")
-
-
 def load_run_inputs(cfg: TrainConfig, accelerator: Accelerator, *, kind: str = "preferences") -> RunInputs:
-    check_model_path(cfg.model)
-    if getattr(cfg, "ref_model", None):
-        check_model_path(cfg.ref_model, "ref_model")
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if kind not in ("preferences", "sft"):
         raise ValueError(f"unknown run kind {kind!r}")

@@ -47,7 +47,7 @@ class SFT:
             "ppl": torch.exp(nll.clamp(max=MAX_LOG_PPL)),
             "response_tokens": logps.count.float(),
         }
-        return StepResult(losses, metrics, tokens=int(batch["attention_mask"].sum()))
+        return StepResult(losses, metrics, tokens=batch["attention_mask"].sum())
 
 
 def train_sft(cfg: SFTConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:
