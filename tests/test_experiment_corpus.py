@@ -4,7 +4,6 @@ import pytest
 
 from prefopt.experiments import corpus
 from prefopt.experiments.reward import (
-    ClassifierReward,
     CorpusReward,
     read_polarity_dir,
     split_reviews,
@@ -80,9 +79,10 @@ def test_classifier_reward_learns_sentiment_and_reports_accuracy(tmp_path):
     assert clf.accuracy is not None and clf.accuracy > 0.65  # chance is 0.5; the latent labels are noisy
     pos, neg = clf(["the film is", "the film is"], [" wonderful and moving .", " dreadful and tedious ."])
     assert pos > 0 > neg  # log-odds of "positive"
-    loaded = ClassifierReward.load(clf.save(tmp_path / "clf.pkl"))
-    assert loaded(["the film is"], [" wonderful ."]) == pytest.approx(clf(["the film is"], [" wonderful ."]))
-    assert loaded.info()["classifier_heldout_accuracy"] == clf.accuracy
+    refit = train_classifier([r.text for r in train], [r.label for r in train], [r.text for r in test],
+                             [r.label for r in test])  # deterministic: refitting replaces saving a pickle
+    assert refit(["the film is"], [" wonderful ."]) == pytest.approx(clf(["the film is"], [" wonderful ."]))
+    assert refit.info()["classifier_heldout_accuracy"] == clf.accuracy
 
 
 def test_read_polarity_dir(tmp_path):

@@ -74,15 +74,25 @@ def test_kl_se_is_calibrated_over_repeats():
     assert hits >= 33
 
 
-def test_kl_of_identical_models_is_zero(tiny_model_dir):
+def test_kl_estimate_is_mean_log_ratio_of_two_models(tiny_model_dir):
     from prefopt.generation import generate_samples
+    from prefopt.logprobs import naive_logps
     from prefopt.models import load_model, load_tokenizer
 
-    model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
-    samples = generate_samples(model, tok, ["Write a review of", "I think"], num_samples=3, max_new_tokens=6, seed=0)
-    est, lp, _ = estimate_kl(model, model, samples, tok.pad_token_id, batch_size=4)
-    assert est.mean == 0.0 and est.clusters == 2 and est.n == 6
-    assert torch.all(lp < 0)
+    policy, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    reference = load_model(tiny_model_dir)
+    with torch.no_grad():  # a different reference, so the log-ratios are not zero by construction
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    samples = generate_samples(policy, tok, ["Write a review of", "I think"], num_samples=3, max_new_tokens=6, seed=0)
+    est, lp, _ = estimate_kl(policy, reference, samples, tok.pad_token_id, batch_size=4)
+    assert est.clusters == 2 and est.n == 6
+    ratios = [naive_logps(policy, s.prompt_ids, s.response_ids) - naive_logps(reference, s.prompt_ids, s.response_ids)
+              for s in samples]
+    assert est.mean == pytest.approx(sum(ratios) / len(ratios), abs=1e-4)
+    assert est.mean != 0.0
+    same, _, _ = estimate_kl(policy, policy, samples, tok.pad_token_id, batch_size=4)
+    assert same.mean == 0.0
 
 
 def test_sequence_logps_matches_the_unbatched_definition(tiny_model_dir):

@@ -5,13 +5,11 @@
   policy never sees (rt-polarity's ``*.pos`` / ``*.neg``); the reward is its log-odds of "positive" for the
   whole review, log p(pos | x + y) - log p(neg | x + y). ``train_classifier`` reports its held-out accuracy.
 
-Both pickle-free on the corpus side; the classifier is saved with pickle (``save`` / ``load``) in the
-experiment's own output directory only.
+Nothing is pickled: the classifier is deterministic for its seed and cheap, so it is refit when needed.
 """
 
 from __future__ import annotations
 
-import pickle
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,21 +63,6 @@ class ClassifierReward:
     def info(self) -> dict[str, Any]:
         return {"reward": self.name, "classifier_heldout_accuracy": self.accuracy,
                 "classifier_train_size": self.train_size, "classifier_test_size": self.test_size}
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as f:
-            pickle.dump({"pipeline": self.pipeline, "accuracy": self.accuracy, "train_size": self.train_size,
-                         "test_size": self.test_size}, f)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> ClassifierReward:
-        """Load a classifier this module saved (pickle: only load files you wrote yourself)."""
-        with Path(path).open("rb") as f:
-            state = pickle.load(f)
-        return cls(state["pipeline"], state["accuracy"], state["train_size"], state["test_size"])
 
 
 def train_classifier(train_texts: Sequence[str], train_labels: Sequence[int], test_texts: Sequence[str],

@@ -337,21 +337,24 @@ class SentimentExperiment:
                 # how well the exact reward separates the latent labels (for comparison with a classifier)
                 acc = sum((corpus_mod.valence(r["text"]) > 0) == bool(r["label"]) for r in held) / max(len(held), 1)
                 return {**CorpusReward().info(), "valence_sign_accuracy_on_latent_labels": round(acc, 4)}
-            train = _read_jsonl(self.out / "data" / "classifier_train.jsonl")
-            test = _read_jsonl(self.out / "data" / "heldout.jsonl")
-            clf = train_classifier([r["text"] for r in train], [r["label"] for r in train],
-                                   [r["text"] for r in test], [r["label"] for r in test], seed=cfg.seed)
-            clf.save(d / "classifier.pkl")
-            self.log(f"[reward] classifier held-out accuracy {clf.accuracy:.4f} ({len(test)} reviews)")
+            clf = self._fit_classifier()
+            self.log(f"[reward] classifier held-out accuracy {clf.accuracy:.4f} ({clf.test_size} reviews)")
             return clf.info()
 
         return self.stages.run("reward", {"kind": "classifier" if cfg.data else "corpus"}, run, after=["data"])
 
+    def _fit_classifier(self) -> ClassifierReward:
+        """The ground-truth classifier, fit on the data stage's split (deterministic for the seed, ~2 s). It is
+        refit rather than unpickled, so no code is ever loaded from an output directory."""
+        train = _read_jsonl(self.out / "data" / "classifier_train.jsonl")
+        test = _read_jsonl(self.out / "data" / "heldout.jsonl")
+        return train_classifier([r["text"] for r in train], [r["label"] for r in train],
+                                [r["text"] for r in test], [r["label"] for r in test], seed=self.cfg.seed)
+
     @property
     def reward_fn(self) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
         if self._reward is None:
-            self._reward = ClassifierReward.load(self.out / "reward" / "classifier.pkl") if self.cfg.data \
-                else CorpusReward()
+            self._reward = self._fit_classifier() if self.cfg.data else CorpusReward()
         return self._reward
 
     # -- SFT, samples, pairs --------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Data problems are found here, before any model is loaded, and reported with file
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,10 @@ def load_preference_items(cfg: TrainConfig, tokenizer: Any, accelerator: Acceler
 
 def load_policy(cfg: TrainConfig, *, with_reference: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """The trainable model (LoRA-wrapped if asked) and, if asked, a frozen reference made before wrapping."""
+    if cfg.dtype != "float32" and not cfg.lora:
+        warnings.warn(f"dtype={cfg.dtype} trains the weights themselves in {cfg.dtype}: updates much smaller than a "
+                      "weight (e.g. at lr 1e-6) round away and most weights never change. For full fine-tuning "
+                      "use --dtype float32 --mixed-precision bf16; low-precision weights suit --lora.", stacklevel=2)
     model = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.disable_dropout:
         disable_dropout(model)
