@@ -293,6 +293,29 @@ class StopAtStepEnd:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def end_of_step(cfg: TrainConfig, step: int, total_steps: int, run_eval: Callable[[], dict] | None,
+                log: "MetricsLog", save_now: Callable[[], Path], stop: StopAtStepEnd) -> dict | None:
+    """At an optimizer-step boundary: evaluate and checkpoint when due, then honour a Ctrl-C. Returns the eval
+    row if one ran."""
+    row = None
+    if run_eval is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+        row = run_eval()
+        log.write(row)
+    if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+        save_now()
+    stop.check()
+    return row
+
+
+def write_summary(output_dir: Path, *, steps: int, total_steps: int, resumed_from: int | None, seconds: float,
+                  train_row: dict, eval_row: dict | None, main_process: bool = True) -> dict[str, Any]:
+    summary = {"steps": steps, "total_steps": total_steps, "resumed_from": resumed_from,
+               "seconds": round(seconds, 2), "train": train_row, "eval": eval_row, "output_dir": str(output_dir)}
+    if main_process:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Logging
 
@@ -403,6 +426,11 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_ite
     def checkpoint_state() -> dict:
         return {"total_steps": total_steps, "epoch": schedule.epoch_of(step), "seed": cfg.seed}
 
+    def run_eval_now() -> dict:
+        return {"step": step, **evaluate(model, method, eval_items, collate, cfg.micro_batch_size,
+                                         accelerator).means(unit, prefix="eval/")}
+
+    run_eval = run_eval_now if eval_items else None
     model.train()
     save_now = lambda: checkpointer.save(step, accelerator, model, optimizer, scheduler, checkpoint_state())  # noqa: E731
     with StopAtStepEnd(save_now, accelerator, bar, log) as stop:
@@ -447,18 +475,11 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_ite
                                 | {f"{unit}/s": f"{row.get(f'{unit}_per_second', 0):.3g}"}, refresh=False)
             bar.update(1)
 
-            if eval_items and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                last_eval = {"step": step, **evaluate(model, method, eval_items, collate, cfg.micro_batch_size,
-                                                      accelerator).means(unit, prefix="eval/")}
-                log.write(last_eval)
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                save_now()
-            stop.check()
+            last_eval = end_of_step(cfg, step, total_steps, run_eval, log, save_now, stop) or last_eval
     bar.close()
 
-    if eval_items:
-        last_eval = {"step": step, **evaluate(model, method, eval_items, collate, cfg.micro_batch_size,
-                                              accelerator).means(unit, prefix="eval/")}
+    if run_eval is not None:
+        last_eval = run_eval()
         log.write(last_eval)
     log.close()
     elapsed = time.perf_counter() - started
@@ -468,10 +489,9 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_ite
             save_final(output_dir)
         else:
             accelerator.unwrap_model(model).save_pretrained(output_dir, safe_serialization=True)
-    summary = {"steps": step, "total_steps": total_steps, "resumed_from": start_step if ckpt_path else None,
-               "seconds": round(elapsed, 2), "train": last_row, "eval": last_eval, "output_dir": str(output_dir)}
-    if accelerator.is_main_process:
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = write_summary(output_dir, steps=step, total_steps=total_steps,
+                            resumed_from=start_step if ckpt_path else None, seconds=elapsed, train_row=last_row,
+                            eval_row=last_eval, main_process=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     return summary
 

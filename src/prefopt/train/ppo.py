@@ -46,8 +46,8 @@ from ..logprobs import token_logps
 from ..models import load_tokenizer, reference_mode
 from ..rewards import RewardFn, call_reward_fn, load_reward_fn, reward_model_fn
 from .loop import (BatchSchedule, Checkpointer, MetricSums, MetricsLog, StepResult, build_optimizer, build_scheduler,
-                   StopAtStepEnd, find_checkpoint, format_summary, load_model_weights, micro_batches,
-                   to_device)
+                   StopAtStepEnd, end_of_step, find_checkpoint, format_summary, load_model_weights, micro_batches,
+                   to_device, write_summary)
 from .setup import load_policy, save_model_and_tokenizer
 
 VALUE_HEAD_DIR = "value_head"
@@ -522,12 +522,8 @@ def train_ppo(cfg: PPOConfig, accelerator: Accelerator | None = None, *,
                 last_row, window = row, []
                 bar.set_postfix({k: f"{row[k]:.4g}" for k in PPO_SUMMARY_KEYS}, refresh=False)
             bar.update(1)
-            if eval_ids and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                last_eval = evaluate()
-                log.write(last_eval)
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                save_now()
-            stop.check()
+            last_eval = end_of_step(cfg, step, total_steps, evaluate if eval_ids else None, log, save_now,
+                                    stop) or last_eval
     bar.close()
     if eval_ids:
         last_eval = evaluate()
@@ -537,9 +533,9 @@ def train_ppo(cfg: PPOConfig, accelerator: Accelerator | None = None, *,
     save_value_head(core.value_head, output_dir)
     save_model_and_tokenizer(core.policy, tokenizer, output_dir)
     (output_dir / "kl_controller.json").write_text(json.dumps(kl_ctl.state_dict()) + "\n")
-    summary = {"steps": step, "total_steps": total_steps, "resumed_from": start_step if ckpt_path else None,
-               "seconds": round(elapsed, 2), "train": last_row, "eval": last_eval, "output_dir": str(output_dir)}
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = write_summary(output_dir, steps=step, total_steps=total_steps,
+                            resumed_from=start_step if ckpt_path else None, seconds=elapsed, train_row=last_row,
+                            eval_row=last_eval)
     accelerator.print(format_summary(summary, PPO_SUMMARY_KEYS))
     return summary
 
