@@ -293,6 +293,16 @@ class StopAtStepEnd:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def resume_from(cfg: TrainConfig, output_dir: Path, accelerator: Accelerator, model, optimizer, scheduler
+                ) -> tuple[Path | None, dict]:
+    """Load the checkpoint named by ``cfg.resume`` (or the latest, for 'auto') into the training state; returns
+    its path and trainer state ({} when there is nothing to resume)."""
+    ckpt_path = find_checkpoint(cfg.resume, output_dir) if cfg.resume else None
+    if ckpt_path is None:
+        return None, {}
+    return ckpt_path, Checkpointer.load(ckpt_path, accelerator, model, optimizer, scheduler)
+
+
 def end_of_step(cfg: TrainConfig, step: int, total_steps: int, run_eval: Callable[[], dict] | None,
                 log: "MetricsLog", save_now: Callable[[], Path], stop: StopAtStepEnd) -> dict | None:
     """At an optimizer-step boundary: evaluate and checkpoint when due, then honour a Ctrl-C. Returns the eval
@@ -401,12 +411,8 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_ite
     scheduler = build_scheduler(cfg, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    start_step, ckpt_path = 0, None
-    if cfg.resume:
-        ckpt_path = find_checkpoint(cfg.resume, output_dir)
-        if ckpt_path is not None:
-            state = Checkpointer.load(ckpt_path, accelerator, model, optimizer, scheduler)
-            start_step = state["step"]
+    ckpt_path, state = resume_from(cfg, output_dir, accelerator, model, optimizer, scheduler)
+    start_step = state.get("step", 0)
     checkpointer = Checkpointer(output_dir, cfg.keep_checkpoints)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ from ..logprobs import token_logps
 from ..models import load_tokenizer, reference_mode
 from ..rewards import RewardFn, call_reward_fn, load_reward_fn, reward_model_fn
 from .loop import (BatchSchedule, Checkpointer, MetricSums, MetricsLog, StepResult, build_optimizer, build_scheduler,
-                   StopAtStepEnd, end_of_step, find_checkpoint, format_summary, load_model_weights, micro_batches,
+                   StopAtStepEnd, end_of_step, resume_from, format_summary, load_model_weights, micro_batches,
                    to_device, write_summary)
 from .setup import load_policy, save_model_and_tokenizer
 
@@ -440,13 +440,10 @@ def train_ppo(cfg: PPOConfig, accelerator: Accelerator | None = None, *,
     kl_ctl: rl.KLController = (rl.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
                                if cfg.adaptive_kl else rl.FixedKLController(cfg.kl_coef))
 
-    start_step, ckpt_path = 0, None
-    if cfg.resume:
-        ckpt_path = find_checkpoint(cfg.resume, output_dir)
-        if ckpt_path is not None:
-            state = Checkpointer.load(ckpt_path, accelerator, model, optimizer, scheduler)
-            start_step = state["step"]
-            kl_ctl.load_state_dict(state["kl_controller"])
+    ckpt_path, state = resume_from(cfg, output_dir, accelerator, model, optimizer, scheduler)
+    start_step = state.get("step", 0)
+    if state:
+        kl_ctl.load_state_dict(state["kl_controller"])
     checkpointer = Checkpointer(output_dir, cfg.keep_checkpoints)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, output_dir / "config.yaml")
