@@ -20,7 +20,7 @@ from prefopt.data import collate_preferences
 from prefopt.data.types import TokenizedExample
 from prefopt.errors import ConfigError
 from prefopt.logprobs import compute_logps, forward_logps, make_logps_fn, naive_logps
-from prefopt.models import apply_lora, reference_mode
+from prefopt.models import apply_lora, enable_gradient_checkpointing, reference_mode
 from prefopt.packing import build_layout, layout_attention_mask
 from prefopt.train.dpo import live_reference, make_collate, precompute_reference, train_dpo
 
@@ -201,7 +201,7 @@ def test_fast_paths_with_gradient_checkpointing(mode):
     weights = torch.randn(8, generator=torch.Generator().manual_seed(2))
     model = tiny_llama(seed=5)
     plain, g_plain = logps_and_grads(model, batch_for(examples, False, False), forward_logps, weights)
-    model.gradient_checkpointing_enable()
+    enable_gradient_checkpointing(model)
     model.train()
     assert model.model.gradient_checkpointing
     fast, g_fast = logps_and_grads(model, batch_for(examples, packing, prefix),

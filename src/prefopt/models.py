@@ -285,3 +285,11 @@ def disable_dropout(model) -> None:
                     "hidden_dropout_prob", "attention_probs_dropout_prob"):
             if isinstance(getattr(config, key, None), float):
                 setattr(config, key, 0.0)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in the backward pass (transformers renamed the switch in 5.x; use what exists)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False

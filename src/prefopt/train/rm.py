@@ -31,7 +31,8 @@ from ..data.tokenize import SpecialTokens, tokenize_example
 from ..data.types import Text
 from ..errors import ConfigError
 from ..logprobs import split_responses
-from ..models import DTYPES, LORA_TARGETS, disable_dropout, load_tokenizer, quiet_progress_bars
+from ..models import (DTYPES, LORA_TARGETS, disable_dropout, enable_gradient_checkpointing, load_tokenizer,
+                      quiet_progress_bars)
 from .loop import StepResult, format_summary, train
 from .setup import load_preference_items, save_model_and_tokenizer
 
@@ -179,8 +180,7 @@ def train_rm(cfg: RMConfig, accelerator: Accelerator | None = None) -> dict[str,
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model)
     if cfg.lora:
         model = _apply_lora(model, cfg)
     summary = train(cfg, model=model, method=RewardModeling(cfg.center_rewards_coefficient), train_items=train_items,

@@ -18,7 +18,8 @@ from ..config import TrainConfig
 from ..data import load_preferences, tokenize_examples
 from ..data.types import TokenizedExample
 from ..errors import ConfigError
-from ..models import apply_lora, disable_dropout, load_model, load_tokenizer, make_reference, quiet_progress_bars
+from ..models import (apply_lora, disable_dropout, enable_gradient_checkpointing, load_model, load_tokenizer,
+                      make_reference, quiet_progress_bars)
 
 
 @dataclass
@@ -86,8 +87,7 @@ def load_policy(cfg: TrainConfig, *, with_reference: bool) -> tuple[torch.nn.Mod
         reference = make_reference(model, ref_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code) \
             if ref_path else make_reference(model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model)
     if cfg.lora:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            target_modules=cfg.lora_target_modules)
