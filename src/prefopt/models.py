@@ -248,15 +248,17 @@ def make_reference(policy, ref_path=None, **load_kwargs):
     return freeze(load_model(ref_path, **load_kwargs))
 
 
-def apply_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules=None):
-    """Wrap `model` with LoRA adapters (in place); only the adapter weights are trainable."""
+def apply_lora(model, *, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules=None,
+               task_type: str = "CAUSAL_LM"):
+    """Wrap `model` with LoRA adapters (in place); only the adapter weights are trainable (with task_type
+    "SEQ_CLS", a sequence-classification head is trained in full too)."""
     from peft import LoraConfig, get_peft_model
 
     if target_modules is None:
         names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
         target_modules = [t for t in LORA_TARGETS if t in names] or "all-linear"
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                        task_type="CAUSAL_LM")
+                        task_type=task_type)
     return get_peft_model(model, config)
 
 

@@ -31,7 +31,7 @@ from ..data.tokenize import SpecialTokens, tokenize_example
 from ..data.types import Text
 from ..errors import ConfigError
 from ..logprobs import split_responses
-from ..models import (DTYPES, LORA_TARGETS, disable_dropout, enable_gradient_checkpointing, load_tokenizer,
+from ..models import (DTYPES, apply_lora, disable_dropout, enable_gradient_checkpointing, load_tokenizer,
                       quiet_progress_bars)
 from .loop import StepResult, format_summary, train
 from .setup import load_preference_items, save_model_and_tokenizer
@@ -149,19 +149,6 @@ def score_texts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Text],
     return out
 
 
-def _apply_lora(model: torch.nn.Module, cfg: RMConfig) -> torch.nn.Module:
-    """LoRA adapters on the transformer; the reward head is trained in full (peft's SEQ_CLS task)."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = cfg.lora_target_modules
-    if targets is None:
-        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-        targets = [t for t in LORA_TARGETS if t in names] or "all-linear"
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        target_modules=targets, task_type="SEQ_CLS")
-    return get_peft_model(model, config)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The run
 
@@ -182,7 +169,8 @@ def train_rm(cfg: RMConfig, accelerator: Accelerator | None = None) -> dict[str,
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.lora:
-        model = _apply_lora(model, cfg)
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           target_modules=cfg.lora_target_modules, task_type="SEQ_CLS")
     summary = train(cfg, model=model, method=RewardModeling(cfg.center_rewards_coefficient), train_items=train_items,
                     collate=partial(collate_preferences, pad_token_id=tokenizer.pad_token_id),
                     eval_items=eval_items or None, accelerator=accelerator,
