@@ -37,3 +37,17 @@ def hh_sample() -> Path:
     if not HH_SAMPLE.is_file():
         pytest.skip(f"shared HH-RLHF sample not found at {HH_SAMPLE} (it lives in ../shared/data beside the repo)")
     return HH_SAMPLE
+
+
+def make_tiny_reward_model(directory: Path, tokenizer) -> Path:
+    """A randomly initialised one-label Llama reward model (seeded) saved with its tokenizer."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=64, num_labels=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

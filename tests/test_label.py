@@ -129,21 +129,12 @@ def test_cli_label_end_to_end(tmp_path, monkeypatch, capsys):
 def test_reward_model_path(tmp_path):
     rm = pytest.importorskip("prefopt.train.rm", reason="prefopt.train.rm (load_reward_model, score_texts) "
                              "is written in parallel and not there yet")
-    import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
+    from conftest import make_tiny_reward_model
     from prefopt.data import synthetic_text
     from prefopt.label import reward_model_fn
     from prefopt.models import train_tokenizer
 
-    tok = train_tokenizer(synthetic_text(50), vocab_size=300)
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-        intermediate_size=64, num_labels=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id))
-    model.save_pretrained(tmp_path / "rm")
-    tok.save_pretrained(tmp_path / "rm")
+    make_tiny_reward_model(tmp_path / "rm", train_tokenizer(synthetic_text(50), vocab_size=300))
     assert hasattr(rm, "load_reward_model") and hasattr(rm, "score_texts")
     fn = reward_model_fn(str(tmp_path / "rm"), batch_size=2)
     samples = _write_samples(tmp_path / "s.jsonl", {"Review:": [" good film", " bad film", " fine"]})

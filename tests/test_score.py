@@ -2,6 +2,7 @@ import json
 import math
 
 import pytest
+from conftest import make_tiny_reward_model
 import torch
 
 from prefopt.cli import main
@@ -77,19 +78,6 @@ def test_pair_metrics_constructed():
     assert pair_metrics(torch.tensor([[1.0, 1.0]]))["accuracy"] == 0.0
 
 
-def _tiny_rm(tmp_path, tok):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-        intermediate_size=64, num_labels=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id))
-    model.save_pretrained(tmp_path / "rm")
-    tok.save_pretrained(tmp_path / "rm")
-    return tmp_path / "rm"
-
-
 def test_cli_score_end_to_end(tiny_model_dir, tok, tmp_path, capsys):
     reference = load_model(tiny_model_dir)
     policy = _perturbed(reference, seed=1)
@@ -101,7 +89,7 @@ def test_cli_score_end_to_end(tiny_model_dir, tok, tmp_path, capsys):
             "--beta", str(BETA), "--output", str(out), "--batch-size", "4", "--progress", "false"]
     try:
         import prefopt.train.rm  # noqa: F401
-        args += ["--reward-model", str(_tiny_rm(tmp_path, tok))]
+        args += ["--reward-model", str(make_tiny_reward_model(tmp_path / "rm", tok))]
         with_rm = True
     except ImportError:  # pragma: no cover - rm.py is written in parallel
         with_rm = False
