@@ -17,6 +17,18 @@ HH_SAMPLE = SHARED_DATA / "hh-rlhf" / "harmless-base-sample.jsonl.gz"
 RT_POLARITY = SHARED_DATA / "rt-polarity"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _reference_cache(tmp_path_factory):
+    """DPO precomputes reference log-probs by default: keep the tests' cache out of the home directory."""
+    old = os.environ.get("PREFOPT_CACHE")
+    os.environ["PREFOPT_CACHE"] = str(tmp_path_factory.mktemp("prefopt-cache"))
+    yield
+    if old is None:
+        os.environ.pop("PREFOPT_CACHE", None)
+    else:
+        os.environ["PREFOPT_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from prefopt.data import synthetic_text

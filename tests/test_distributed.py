@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,9 @@ def test_two_processes_equal_one(tiny_model_dir, synthetic_pairs, tmp_path):
             "--lr", "1e-3", "--warmup-steps", "2", "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "3",
             "--progress", "false", "--max-length", "96", "--max-prompt-length", "48", "--eval-fraction", "0.25"]
     assert main(args + ["--output-dir", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    src = str(Path(__file__).resolve().parents[1] / "src")  # this checkout, whatever is pip-installed
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", "29517", "-m", "prefopt.cli", *args, "--output-dir", str(tmp_path / "two")],
                           env=env, capture_output=True, text=True, timeout=240)

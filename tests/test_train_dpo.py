@@ -123,11 +123,12 @@ def test_resumed_run_equals_uninterrupted(tiny_model_dir, synthetic_pairs, tmp_p
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["lora", "precompute", "reference_free"])
+@pytest.mark.parametrize("mode", ["live", "lora", "lora_live", "precompute", "default", "reference_free"])
 def test_reference_modes(mode, tiny_model_dir, synthetic_pairs, tmp_path, monkeypatch):
     monkeypatch.setenv("PREFOPT_CACHE", str(tmp_path / "cache"))
-    kw = {"lora": dict(lora=True, lr=1e-2), "precompute": dict(precompute_ref=True),
-          "reference_free": dict(reference_free=True)}[mode]
+    kw = {"live": dict(precompute_ref=False), "lora": dict(lora=True, lr=1e-2),
+          "lora_live": dict(lora=True, lr=1e-2, precompute_ref=False), "precompute": dict(precompute_ref=True),
+          "default": {}, "reference_free": dict(reference_free=True)}[mode]
     train_dpo(cfg(tiny_model_dir, synthetic_pairs, tmp_path / "run", max_steps=4, **kw))
     r = rows(tmp_path / "run")
     if mode == "reference_free":  # rewards are beta * policy log-probs: far from zero, loss not ln 2
@@ -135,9 +136,10 @@ def test_reference_modes(mode, tiny_model_dir, synthetic_pairs, tmp_path, monkey
     else:  # policy == reference at the first step (LoRA's B matrices start at zero)
         assert r[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert r[-1]["loss"] < r[0]["loss"]
-    if mode == "precompute":
-        assert len(list((tmp_path / "cache").glob("ref-logps-*.safetensors"))) == 1
-    if mode == "lora":
+    cached = list((tmp_path / "cache").glob("ref-logps-*.safetensors"))
+    # the reference is precomputed unless asked not to (or there is none)
+    assert len(cached) == (0 if mode in ("live", "lora_live", "reference_free") else 1)
+    if mode.startswith("lora"):
         assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
         from transformers import AutoModelForCausalLM
 
@@ -146,8 +148,9 @@ def test_reference_modes(mode, tiny_model_dir, synthetic_pairs, tmp_path, monkey
 
 def test_precomputed_reference_equals_live(tiny_model_dir, synthetic_pairs, tmp_path, monkeypatch):
     monkeypatch.setenv("PREFOPT_CACHE", str(tmp_path / "cache"))
-    train_dpo(cfg(tiny_model_dir, synthetic_pairs, tmp_path / "live", max_steps=3))
+    train_dpo(cfg(tiny_model_dir, synthetic_pairs, tmp_path / "live", max_steps=3, precompute_ref=False))
     train_dpo(cfg(tiny_model_dir, synthetic_pairs, tmp_path / "pre", max_steps=3, precompute_ref=True))
+    assert not (tmp_path / "cache").exists() or len(list((tmp_path / "cache").iterdir())) == 1
     assert_same_run(tmp_path / "live", tmp_path / "pre", atol=2e-5)
 
 

@@ -142,8 +142,9 @@ class DPOConfig(TrainConfig):
     """Weight of an extra per-token NLL (SFT) term on the chosen response."""
     reference_free: bool = False
     """Use a uniform reference (log pi_ref = 0): no reference model at all."""
-    precompute_ref: bool = False
-    """Compute the reference log-probs in one pass before training and cache them on disk."""
+    precompute_ref: bool | None = None
+    """Compute the reference log-probs in one pass before training, cache them on disk and free the reference
+    model (default: on whenever there is a reference; false: run the reference live at every step)."""
     cache_dir: str | None = None
     """Where precomputed reference log-probs are cached (default: $PREFOPT_CACHE or ~/.cache/prefopt)."""
     packing: bool = False
@@ -168,7 +169,7 @@ class DPOConfig(TrainConfig):
             check_field(self.label_smoothing == 0, "label_smoothing", self.label_smoothing,
                    f"0 for loss '{self.loss}' (label smoothing belongs to cdpo and robust)")
         check_field(self.nll_weight >= 0, "nll_weight", self.nll_weight, ">= 0")
-        if self.reference_free and (self.ref_model or self.precompute_ref):
+        if self.reference_free and (self.ref_model or self.precompute_ref is True):
             raise ConfigError("reference_free uses no reference model: drop ref_model / precompute_ref.")
 
 
