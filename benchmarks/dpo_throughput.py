@@ -43,18 +43,21 @@ BATCH = 8
 THREADS = 2
 MARK = "@@RESULT@@ "
 
-# name -> (tool, prefopt DPOConfig overrides or TRL options)
+# name -> prefopt DPOConfig overrides or TRL options. prefopt precomputes the reference by default, so the live-
+# reference modes say precompute_ref=False.
+LIVE = {"precompute_ref": False}
 PREFOPT_MODES = {
-    "plain": {},
-    "precomputed ref": {"precompute_ref": True},
-    "packing": {"packing": True},
-    "prefix sharing": {"prefix_sharing": True},
-    "chunked": {"logps_chunk_size": 128},
-    "all fast, live ref": {"packing": True, "prefix_sharing": True, "logps_chunk_size": 128},
-    "all fast + precomputed": {"packing": True, "prefix_sharing": True, "logps_chunk_size": 128,
-                               "precompute_ref": True},
+    "plain": {**LIVE},
+    "precomputed ref (default)": {},
+    "packing": {**LIVE, "packing": True},
+    "prefix sharing": {**LIVE, "prefix_sharing": True},
+    "chunked": {**LIVE, "logps_chunk_size": 128},
+    "all fast, live ref": {**LIVE, "packing": True, "prefix_sharing": True, "logps_chunk_size": 128},
+    "all fast + precomputed": {"packing": True, "prefix_sharing": True, "logps_chunk_size": 128},
+    "packing + prefix + precomputed": {"packing": True, "prefix_sharing": True},
 }
-TRL_MODES = {"TRL live ref": {"precompute_ref_log_probs": False}, "TRL precompute": {"precompute_ref_log_probs": True}}
+TRL_MODES = {"TRL live ref": {"precompute_ref_log_probs": False}, "TRL precompute": {"precompute_ref_log_probs": True},
+             "TRL live ref, fused AdamW": {"precompute_ref_log_probs": False, "optim": "adamw_torch_fused"}}
 HH_MODES = ["plain", "prefix sharing", "all fast, live ref"]
 
 
@@ -211,8 +214,9 @@ def worker_trl(spec: dict) -> dict:
                              gradient_checkpointing=False, per_device_train_batch_size=BATCH,
                              max_length=spec["max_length"], disable_dropout=True,
                              max_steps=spec["warmup"] + spec["steps"] + 1, logging_steps=1, save_strategy="no",
-                             learning_rate=1e-6, lr_scheduler_type="constant", optim="adamw_torch",
-                             dataloader_num_workers=0, seed=spec["seed"], disable_tqdm=True, **spec["options"])
+                             learning_rate=1e-6, lr_scheduler_type="constant",
+                             dataloader_num_workers=0, seed=spec["seed"], disable_tqdm=True,
+                             **{"optim": "adamw_torch", **spec["options"]})
         trainer = trl.DPOTrainer(model=load_model(spec["model"]), args=args,
                                  train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
                                  callbacks=[Timer()])
@@ -322,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
             res.update(case=case, size=size, label=label, repeat=rep, pairs_per_s=BATCH / wall,
                        pairs_per_cpu_s=BATCH / cpu)
             res["tokens_per_s"] = res["pairs_per_s"] * st["tokens_per_pair"]
-            live = not (opts.get("precompute_ref") or opts.get("precompute_ref_log_probs"))
+            live = (opts.get("precompute_ref", True) is False if kind == "prefopt"
+                    else not opts.get("precompute_ref_log_probs"))
             res["gflops"] = (8 if live else 6) * st["parameters"] * res["tokens_per_s"] / 1e9
             results.append(res)
             print(f"[{time.perf_counter() - started:6.0f}s] rep {rep} {case:11s} {size:6s} {label:24s} "

@@ -19,9 +19,10 @@ from prefopt.config import DPOConfig
 from prefopt.data import collate_preferences
 from prefopt.data.types import TokenizedExample
 from prefopt.errors import ConfigError
-from prefopt.logprobs import compute_logps, forward_logps, make_logps_fn, naive_logps
+from prefopt.logprobs import (compute_logps, forward_logps, full_logits_logps, layout_logps, make_logps_fn,
+                              naive_logps)
 from prefopt.models import apply_lora, enable_gradient_checkpointing, reference_mode
-from prefopt.packing import build_layout, layout_attention_mask
+from prefopt.packing import SEGMENT_ATTENTION, build_layout, layout_attention_mask, supports_segment_attention
 from prefopt.train.dpo import live_reference, make_collate, precompute_reference, train_dpo
 
 VOCAB = 101
@@ -137,12 +138,16 @@ def test_packing_has_no_pad_tokens_and_restarts_positions():
     assert shared["layout_input_ids"].shape[1] < lay["layout_input_ids"].shape[1]  # prompts computed once
 
 
+@pytest.mark.parametrize("attention", ["segments", "mask"])
 @pytest.mark.parametrize("prefix", [False, True], ids=["packed", "packed+prefix"])
-def test_packed_sequences_never_see_each_other(prefix):
+def test_packed_sequences_never_see_each_other(prefix, attention):
     model = tiny_llama(seed=3)
     examples = random_examples(4, 3, seed=7)
     b = len(examples)
-    fn = make_logps_fn(packing=True, prefix_sharing=prefix)
+
+    def fn(m, batch):
+        return layout_logps(m, batch, None, attention)
+
     with torch.no_grad():
         before = fn(model, batch_for(examples, True, prefix)).sum
         # change the prompt of example 1: only its K responses may move
@@ -160,6 +165,43 @@ def test_packed_sequences_never_see_each_other(prefix):
         rest = torch.tensor([i for i in range(3 * b) if i != row])
         torch.testing.assert_close(after2[rest], after[rest], rtol=0, atol=1e-6)
         assert abs(float(after2[row] - after[row])) > 1e-3
+
+
+@pytest.mark.parametrize("layout", [(True, False), (False, True), (True, True)], ids=["packed", "prefix", "both"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_segment_attention_and_row_mask_both_equal_plain(layout, k):
+    """The two ways a layout's attention runs: group by group (the default for sdpa models) and one mask per row."""
+    model = tiny_llama(seed=k + 20)
+    examples = random_examples(6, k, seed=k + 30, max_prompt=14)
+    weights = torch.randn(6 * k, generator=torch.Generator().manual_seed(3))
+    plain, g_plain = logps_and_grads(model, batch_for(examples, False, False), full_logits_logps, weights)
+    for attention in ("segments", "mask"):
+        fast, g_fast = logps_and_grads(model, batch_for(examples, *layout),
+                                       lambda m, b: layout_logps(m, b, None, attention), weights)
+        torch.testing.assert_close(fast.sum, plain.sum, rtol=1e-5, atol=1e-5)
+        assert_grads_close(g_fast, g_plain)
+
+
+def test_segment_attention_is_sdpa_outside_layouts(tmp_path):
+    """After a layout forward switches the model to segment attention, ordinary forwards are unchanged, the saved
+    config does not name it, and models it cannot serve fall back to the row mask."""
+    model = tiny_llama(seed=4)
+    examples = random_examples(3, 2, seed=1)
+    with torch.no_grad():
+        before = model(input_ids=batch_for(examples, False, False)["input_ids"],
+                       attention_mask=batch_for(examples, False, False)["attention_mask"]).logits
+        layout_logps(model, batch_for(examples, True, True))
+        assert model.config._attn_implementation == SEGMENT_ATTENTION
+        after = model(input_ids=batch_for(examples, False, False)["input_ids"],
+                      attention_mask=batch_for(examples, False, False)["attention_mask"]).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    assert SEGMENT_ATTENTION not in (tmp_path / "config.json").read_text()
+    assert supports_segment_attention(model)
+    assert not supports_segment_attention(tiny_llama(attn="eager"))
+    windowed = tiny_llama()
+    windowed.config.sliding_window = 4
+    assert not supports_segment_attention(windowed)
 
 
 def test_eager_attention_gets_an_additive_mask():

@@ -13,6 +13,8 @@ from prefopt.logprobs import (
     chunked_forward_logps,
     chunked_token_logps,
     forward_logps,
+    full_logits_logps,
+    head_at_selected_positions,
     masked_sequence_logps,
     naive_logps,
     split_responses,
@@ -147,6 +149,43 @@ def test_plain_and_chunked_forward_equal_naive(tie):
     torch.testing.assert_close(plain.sum, torch.tensor(expected), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(chunked.sum, plain.sum, rtol=1e-5, atol=1e-5)
     assert chunked.count.tolist() == plain.count.tolist() == [2, 3, 4, 1]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_plain_path_head_at_response_positions_equals_full_logits(tie):
+    """forward_logps runs the LM head on response positions only; values and gradients equal full logits."""
+    model = _model(tie)
+    assert head_at_selected_positions(model)
+    examples = [TokenizedExample([3, 4, 5, 9, 9], [[6, 7], [8, 9, 10, 11]]), TokenizedExample([12], [[13, 14, 15], [16]])]
+    batch = collate_preferences(examples, 0)
+    weights = torch.tensor([0.5, -1.0, 2.0, 1.5])
+    results = []
+    for fn in (forward_logps, full_logits_logps):
+        model.zero_grad(set_to_none=True)
+        out = fn(model, batch)
+        (out.sum * weights).sum().backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (fast, g_fast), (full, g_full) = results
+    torch.testing.assert_close(fast.sum, full.sum, rtol=1e-5, atol=1e-5)
+    assert fast.count.tolist() == full.count.tolist()
+    assert g_fast.keys() == g_full.keys()
+    for name in g_full:
+        torch.testing.assert_close(g_fast[name], g_full[name], rtol=1e-4, atol=1e-6)
+
+    class NoLogitsToKeep(torch.nn.Module):  # a model without logits_to_keep gets the full-logits form
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+    assert not head_at_selected_positions(NoLogitsToKeep())
+    with torch.no_grad():
+        torch.testing.assert_close(forward_logps(NoLogitsToKeep(), batch).sum, full.sum.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_unwrap_model_sees_through_peft_and_ddp_like_wrappers():

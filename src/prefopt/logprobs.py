@@ -62,9 +62,41 @@ def masked_sequence_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) 
 
 
 def forward_logps(model: torch.nn.Module, batch: dict) -> ResponseLogps:
-    """The plain path: one forward of the whole concatenated batch; log-probs of response tokens, [K*B]."""
+    """The plain path: one forward of the whole concatenated (padded) batch; log-probs of response tokens, [K*B].
+
+    The LM head and the log-softmax run at response positions only (never on prompt or pad positions) for any
+    transformers causal LM; other models get full logits (``full_logits_logps``). Same numbers either way.
+    """
+    if head_at_selected_positions(unwrap_model(model)):
+        return chunked_forward_logps(model, batch, None)
+    return full_logits_logps(model, batch)
+
+
+def full_logits_logps(model: torch.nn.Module, batch: dict) -> ResponseLogps:
+    """Logits at every position of the padded batch, then the response tokens' log-probs (the simplest form)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     return masked_sequence_logps(out.logits, batch["input_ids"], batch["loss_mask"])
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts_logits_to_keep(cls: type) -> bool:
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def head_at_selected_positions(base: torch.nn.Module) -> bool:
+    """Can the LM head be applied to chosen hidden states only (a decoder, an output embedding, logits_to_keep)?"""
+    if not _accepts_logits_to_keep(type(base)) or base.get_output_embeddings() is None:
+        return False
+    try:
+        _decoder(base)
+    except TypeError:
+        return False
+    return True
 
 
 def naive_logps(model: torch.nn.Module, prompt_ids: list[int], response_ids: list[int]) -> float:
@@ -250,8 +282,8 @@ def _sum_by_row(per_token: Tensor, rows: Tensor, num_rows: int) -> ResponseLogps
     return ResponseLogps(sums, counts)
 
 
-def chunked_forward_logps(model: torch.nn.Module, batch: dict, chunk_size: int) -> ResponseLogps:
-    """The plain padded layout, with log-probs computed in chunks of positions (and only at response positions)."""
+def chunked_forward_logps(model: torch.nn.Module, batch: dict, chunk_size: int | None) -> ResponseLogps:
+    """The plain padded layout, logits only at response positions; with ``chunk_size``, in chunks of positions."""
     mask = batch["loss_mask"][:, 1:]
     keep = torch.zeros_like(batch["loss_mask"])
     keep[:, :-1] = mask
@@ -264,15 +296,29 @@ def chunked_forward_logps(model: torch.nn.Module, batch: dict, chunk_size: int) 
     return _sum_by_row(per_token, rows, mask.shape[0])
 
 
-def layout_logps(model: torch.nn.Module, batch: dict, chunk_size: int | None = None) -> ResponseLogps:
-    """Log-probs over a packed and/or prefix-shared layout (``prefopt.packing.build_layout``), [K*B]."""
-    from .packing import layout_attention_mask, uses_position_packing
+def layout_logps(model: torch.nn.Module, batch: dict, chunk_size: int | None = None,
+                 attention: str = "auto") -> ResponseLogps:
+    """Log-probs over a packed and/or prefix-shared layout (``prefopt.packing.build_layout``), [K*B].
 
+    attention: "segments" runs attention group by group (``prefopt.packing.segment_attention``), "mask" passes
+    the model one mask over the whole row (dense for sdpa/eager, a BlockMask for flex_attention, position ids for
+    FlashAttention), "auto" takes segments wherever the model supports them.
+    """
+    from .packing import layout_attention_mask, segment_attention, supports_segment_attention, uses_position_packing
+
+    if attention not in ("auto", "segments", "mask"):
+        raise ValueError(f"attention must be 'auto', 'segments' or 'mask', got {attention!r}")
     base = unwrap_model(model)
+    inputs = {"input_ids": batch["layout_input_ids"], "position_ids": batch["layout_position_ids"]}
+    if attention == "segments" or (attention == "auto" and supports_segment_attention(base)):
+        with segment_attention(base, batch) as extra:
+            per_token = _selected_token_logps(model, {**inputs, **extra},
+                                              batch["layout_keep"], batch["layout_pick"], batch["layout_targets"],
+                                              chunk_size)
+        return _sum_by_row(per_token, batch["layout_rows"], batch["layout_num_rows"])
     impl = getattr(base.config, "_attn_implementation", None)
     dtype = next(base.parameters()).dtype
     mask = layout_attention_mask(batch, impl, dtype)
-    inputs = {"input_ids": batch["layout_input_ids"], "position_ids": batch["layout_position_ids"]}
     if mask is not None or not uses_position_packing(impl):
         inputs["attention_mask"] = mask
     per_token = _selected_token_logps(model, inputs, batch["layout_keep"], batch["layout_pick"],
@@ -322,5 +368,6 @@ def logps_fn_from_config(cfg) -> LogpsFn:
 
 
 __all__ = ["ResponseLogps", "split_responses", "token_logps", "masked_sequence_logps", "forward_logps", "naive_logps",
+           "full_logits_logps", "head_at_selected_positions",
            "unwrap_model", "chunked_token_logps", "chunked_forward_logps", "layout_logps", "compute_logps",
            "make_logps_fn", "logps_fn_from_config", "LogpsFn"]

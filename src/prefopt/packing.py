@@ -34,6 +34,7 @@ The log-prob targets are listed explicitly, so no path ever needs a shifted loss
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -193,10 +194,122 @@ def layout_attention_mask(batch: dict, attn_implementation: str | None, dtype: t
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Segment attention: attention computed group by group, never over the whole packed row.
+#
+# A dense [L, L] mask over a packed row makes every attention kernel do (and mostly discard) work on all L^2
+# query-key pairs, although a token only ever sees its own group. Here each group (one sequence when packing, a
+# prompt with its K responses when prefix sharing) runs its own SDPA call: plain causal (is_causal, the fast kernel)
+# for a sequence, a small [G, G] mask for a prefix-shared group.
+#
+# It reaches the model through transformers' attention interface: an sdpa model is switched to the registered
+# implementation SEGMENT_ATTENTION, which IS sdpa (same function, same masks) unless a forward passes a segment
+# plan in its keyword arguments. The plan travels with the arguments, so gradient checkpointing's recomputation in
+# the backward pass sees it too.
+
+SEGMENT_ATTENTION = "prefopt_segments"
+_SEGMENTS_KWARG = "prefopt_segments"
+
+
+def layout_groups(segment_ids: Tensor, branch_ids: Tensor) -> list[list[tuple[int, int, Tensor | None]]]:
+    """Per row, its groups in order as (start, end, mask): mask None for a causal sequence, else the group's
+    [G, G] bool mask (prefix sharing). Tokens after the last group are pads."""
+    seg = segment_ids.tolist()
+    plan: list[list[tuple[int, int, Tensor | None]]] = []
+    for r, row in enumerate(seg):
+        groups, start = [], 0
+        for i in range(1, len(row) + 1):
+            if i == len(row) or row[i] != row[start]:
+                if row[start] != PAD_SEGMENT:
+                    br = branch_ids[r, start:i]
+                    mask = None
+                    if bool((br != 0).any()):
+                        mask = allowed_attention(segment_ids[r:r + 1, start:i], br[None])[0]
+                    groups.append((start, i, mask))
+                start = i
+        plan.append(groups)
+    return plan
+
+
+class _SegmentPlan:
+    def __init__(self, groups):
+        self.groups, self.calls = groups, 0
+
+
+def _segment_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, dropout: float = 0.0,
+                               scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """transformers attention-interface function: [B, H, L, D] in, ([B, L, H, D], None) out."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    plan = kwargs.pop(_SEGMENTS_KWARG, None)
+    if plan is None:  # not a layout forward: exactly sdpa
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    plan.calls += 1
+    heads = query.shape[1]
+    if key.shape[1] != heads:  # grouped-query attention: each key/value head serves consecutive query heads
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    rows = []
+    for r, groups in enumerate(plan.groups):
+        parts, end = [], 0
+        for start, end, mask in groups:
+            q, k, v = query[r:r + 1, :, start:end], key[r:r + 1, :, start:end], value[r:r + 1, :, start:end]
+            parts.append(torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling))
+        if end < query.shape[2]:  # pads: no real token reads them; zeros
+            parts.append(query.new_zeros(1, heads, query.shape[2] - end, query.shape[3]))
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_segment_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(SEGMENT_ATTENTION, _segment_attention_forward)
+    AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)  # outside layout forwards: sdpa's own masks
+
+
+def supports_segment_attention(base: torch.nn.Module) -> bool:
+    """sdpa models that route attention through transformers' interface, with nothing per-group attention would
+    leave out (a sliding window, logit soft-capping, attention sinks)."""
+    cfg = getattr(base, "config", None)
+    impl = str(getattr(cfg, "_attn_implementation", None) or "")
+    if cfg is None or impl not in ("sdpa", SEGMENT_ATTENTION) or not getattr(base, "_supports_attention_backend", False):
+        return False
+    if getattr(cfg, "sliding_window", None) or getattr(cfg, "attn_logit_softcapping", None):
+        return False
+    if getattr(cfg, "layer_types", None) and any(t != "full_attention" for t in cfg.layer_types):
+        return False
+    return not any(hasattr(m, "sinks") for m in base.modules())
+
+
+@contextmanager
+def segment_attention(base: torch.nn.Module, batch: dict):
+    """Yields the keyword arguments that make ``base``'s forward run attention group by group over the layout.
+
+    The model's sdpa implementation is switched (for good) to SEGMENT_ATTENTION, which behaves as sdpa whenever
+    those arguments are absent. A placeholder 4D mask keeps transformers from building a mask for the row.
+    """
+    _register_segment_attention()
+    if base.config._attn_implementation != SEGMENT_ATTENTION:
+        base.config._attn_implementation = SEGMENT_ATTENTION
+    seg = batch["layout_segment_ids"]
+    plan = _SegmentPlan(layout_groups(seg, batch["layout_branch_ids"]))
+    placeholder = torch.ones(seg.shape[0], 1, 1, 1, dtype=torch.bool, device=seg.device)
+    yield {_SEGMENTS_KWARG: plan, "attention_mask": placeholder}
+    if plan.calls == 0:
+        raise RuntimeError(f"{type(base).__name__} did not call the segment attention: its attention modules do not "
+                           "use transformers' attention interface; load it with attn_implementation='flex_attention'")
+
+
 def layout_tokens(batch: dict) -> int:
     """Tokens a forward over the layout computes (pads excluded)."""
     return int((batch["layout_segment_ids"] != PAD_SEGMENT).sum())
 
 
 __all__ = ["LAYOUT_KEYS", "build_layout", "layout_name", "allowed_attention", "layout_attention_mask",
-           "uses_position_packing", "layout_tokens"]
+           "uses_position_packing", "layout_tokens", "layout_groups", "segment_attention",
+           "supports_segment_attention", "SEGMENT_ATTENTION"]
