@@ -308,11 +308,13 @@ def _losses(out: Path) -> list[float]:
 
 
 def test_dpo_run_with_all_fast_paths_matches_plain(tiny_model_dir, synthetic_pairs, tmp_path):
-    train_dpo(_cfg(tiny_model_dir, synthetic_pairs, tmp_path / "plain"))
-    train_dpo(_cfg(tiny_model_dir, synthetic_pairs, tmp_path / "fast", packing=True, prefix_sharing=True,
-                   logps_chunk_size=16))
+    """20 steps: the plain path with a live reference against every fast path with the precomputed reference."""
+    train_dpo(_cfg(tiny_model_dir, synthetic_pairs, tmp_path / "plain", max_steps=20, precompute_ref=False))
+    train_dpo(_cfg(tiny_model_dir, synthetic_pairs, tmp_path / "fast", max_steps=20, packing=True,
+                   prefix_sharing=True, logps_chunk_size=16, cache_dir=str(tmp_path / "cache")))
+    assert len(list((tmp_path / "cache").glob("ref-logps-*"))) == 1
     plain, fast = _losses(tmp_path / "plain"), _losses(tmp_path / "fast")
-    assert len(plain) == len(fast) == 4
+    assert len(plain) == len(fast) == 20
     assert plain[-1] < plain[0]  # it trained, so the trajectories are worth comparing
     assert max(abs(a - b) for a, b in zip(plain, fast)) <= 1e-5
 
