@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -378,3 +379,42 @@ def test_precompute_run_reads_cache_on_second_run(tiny_model_dir, synthetic_pair
     assert "read from cache" in capsys.readouterr().out
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
     assert len(list((tmp_path / "cache").glob("ref-logps-*.safetensors"))) == 1
+
+
+class _ScaledLogitsLlama(LlamaForCausalLM):
+    """An architecture whose forward post-processes the head's logits in a way prefopt does not know about."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, logits_to_keep=0, **kwargs):
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              logits_to_keep=logits_to_keep, **kwargs)
+        out.logits = out.logits * 3.0
+        return out
+
+
+def test_unknown_logit_processing_falls_back_to_the_models_own_logits():
+    from prefopt.logprobs import head_at_selected_positions
+
+    torch.manual_seed(0)
+    model = _ScaledLogitsLlama(tiny_llama().config)
+    assert not head_at_selected_positions(model)  # the one-off check sees head(hidden) != the model's logits
+    assert head_at_selected_positions(tiny_llama())
+    examples = random_examples(4, 2, seed=2)
+    weights = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    full, g_full = logps_and_grads(model, batch_for(examples, False, False), full_logits_logps, weights)
+    for packing, prefix, chunk in [(False, False, None), (False, False, 4), (True, True, None), (True, True, 4)]:
+        fn = make_logps_fn(packing=packing, prefix_sharing=prefix, chunk_size=chunk)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fast, g_fast = logps_and_grads(model, batch_for(examples, packing, prefix), fn, weights)
+        torch.testing.assert_close(fast.sum, full.sum, rtol=1e-5, atol=1e-5)
+        assert_grads_close(g_fast, g_full)
+
+
+def test_segment_attention_is_registered_on_import_and_refused_where_unsupported():
+    from transformers import AttentionInterface
+
+    assert SEGMENT_ATTENTION in AttentionInterface._global_mapping  # a switched (e.g. unpickled) model still runs
+    model = tiny_llama(attn="eager")
+    with pytest.raises(ValueError, match="segment attention"):
+        layout_logps(model, batch_for(random_examples(2, 2), True, False), None, "segments")
+    assert model.config._attn_implementation == "eager"  # refused before anything was switched

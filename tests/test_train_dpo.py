@@ -146,6 +146,21 @@ def test_reference_modes(mode, tiny_model_dir, synthetic_pairs, tmp_path, monkey
         AutoModelForCausalLM.from_pretrained(tmp_path / "run")  # merged: loads without peft
 
 
+def test_default_precompute_makes_no_copy_of_the_policy(tiny_model_dir, synthetic_pairs, tmp_path, monkeypatch):
+    """Precomputing reads the initial policy itself: no frozen copy of the weights is ever made."""
+    import prefopt.train.setup as setup
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("a reference copy was made")
+
+    monkeypatch.setattr(setup, "make_reference", no_copy)
+    monkeypatch.setenv("PREFOPT_CACHE", str(tmp_path / "cache"))
+    train_dpo(cfg(tiny_model_dir, synthetic_pairs, tmp_path / "run", max_steps=2))
+    assert rows(tmp_path / "run")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    with pytest.raises(AssertionError, match="copy"):  # a live reference does need the copy
+        train_dpo(cfg(tiny_model_dir, synthetic_pairs, tmp_path / "live", max_steps=2, precompute_ref=False))
+
+
 def test_precomputed_reference_equals_live(tiny_model_dir, synthetic_pairs, tmp_path, monkeypatch):
     monkeypatch.setenv("PREFOPT_CACHE", str(tmp_path / "cache"))
     train_dpo(cfg(tiny_model_dir, synthetic_pairs, tmp_path / "live", max_steps=3, precompute_ref=False))

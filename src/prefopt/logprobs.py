@@ -9,6 +9,8 @@ checked against it; the losses never see which path produced the numbers.
 from __future__ import annotations
 
 import functools
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -88,15 +90,41 @@ def _accepts_logits_to_keep(cls: type) -> bool:
         return False
 
 
+_HEAD_CHECKS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
 def head_at_selected_positions(base: torch.nn.Module) -> bool:
-    """Can the LM head be applied to chosen hidden states only (a decoder, an output embedding, logits_to_keep)?"""
+    """Can the log-probs apply the LM head to chosen hidden states only? Needs a decoder, an output embedding and
+    ``logits_to_keep``, and -- checked once per model on a 3-token input -- head(decoder output) must reproduce the
+    model's own logits (some architectures scale or post-process logits in ways only their forward knows)."""
     if not _accepts_logits_to_keep(type(base)) or base.get_output_embeddings() is None:
         return False
+    ok = _HEAD_CHECKS.get(base)
+    if ok is None:
+        ok = _HEAD_CHECKS[base] = _head_reproduces_logits(base)
+    return ok
+
+
+def _head_reproduces_logits(base: torch.nn.Module) -> bool:
+    was_training = base.training
+    base.eval()
     try:
-        _decoder(base)
-    except TypeError:
+        with torch.no_grad():
+            vocab = base.get_output_embeddings().weight.shape[0]
+            ids = torch.tensor([[1 % vocab, 2 % vocab, 3 % vocab]], device=next(base.parameters()).device)
+            full = base(input_ids=ids, use_cache=False).logits[0, -1].float()
+            hidden = _run_for_hidden(base, base, input_ids=ids)[0, -1:]
+            mine = base.get_output_embeddings()(hidden)
+            transform = _head_transform(base)
+            if transform is not None:
+                mine = transform(mine)
+            mine = mine.float()[0]
+        return mine.shape == full.shape and bool(torch.allclose(mine, full, rtol=1e-2,
+                                                                atol=1e-3 * max(1.0, float(full.abs().max()))))
+    except Exception:  # any architecture the hook / head route does not fit: full logits instead
         return False
-    return True
+    finally:
+        base.train(was_training)
 
 
 def naive_logps(model: torch.nn.Module, prompt_ids: list[int], response_ids: list[int]) -> float:
@@ -264,14 +292,21 @@ def _selected_token_logps(model: torch.nn.Module, inputs: dict, keep: Tensor, pi
     runs chunk by chunk so the [M, V] logits never exist at once.
     """
     base = unwrap_model(model)
-    hidden = _run_for_hidden(model, base, **inputs)[keep]  # [U, H], row-major
-    head, transform = base.get_output_embeddings(), _head_transform(base)
-    if chunk_size:
-        return chunked_token_logps(hidden[pick], head, targets, chunk_size, transform)
-    logits = head(hidden)
-    if transform is not None:
-        logits = transform(logits)
-    logits = logits.float()
+    if not head_at_selected_positions(base):  # the model's own logits at every position, then the kept ones
+        if chunk_size:
+            warnings.warn(f"{type(base).__name__}: chunked log-probs need the LM head applied to hidden states, "
+                          "which does not reproduce this model's logits; computing full logits instead.",
+                          stacklevel=3)
+        logits = model(**inputs, use_cache=False).logits[keep].float()
+    else:
+        hidden = _run_for_hidden(model, base, **inputs)[keep]  # [U, H], row-major
+        head, transform = base.get_output_embeddings(), _head_transform(base)
+        if chunk_size:
+            return chunked_token_logps(hidden[pick], head, targets, chunk_size, transform)
+        logits = head(hidden)
+        if transform is not None:
+            logits = transform(logits)
+        logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1)
     return logits[pick, targets] - lse[pick]
 
@@ -310,7 +345,11 @@ def layout_logps(model: torch.nn.Module, batch: dict, chunk_size: int | None = N
         raise ValueError(f"attention must be 'auto', 'segments' or 'mask', got {attention!r}")
     base = unwrap_model(model)
     inputs = {"input_ids": batch["layout_input_ids"], "position_ids": batch["layout_position_ids"]}
-    if attention == "segments" or (attention == "auto" and supports_segment_attention(base)):
+    segments = supports_segment_attention(base)
+    if attention == "segments" and not segments:
+        raise ValueError(f"{type(base).__name__} (attention '{getattr(base.config, '_attn_implementation', None)}') "
+                         "cannot run segment attention; use attention='mask' or 'auto'")
+    if attention != "mask" and segments:
         with segment_attention(base, batch) as extra:
             per_token = _selected_token_logps(model, {**inputs, **extra},
                                               batch["layout_keep"], batch["layout_pick"], batch["layout_targets"],

@@ -305,6 +305,12 @@ def segment_attention(base: torch.nn.Module, batch: dict):
                            "use transformers' attention interface; load it with attn_implementation='flex_attention'")
 
 
+try:  # registered on import, so a model switched to it (and, say, pickled) loads again wherever prefopt is imported
+    _register_segment_attention()
+except ImportError:  # pragma: no cover - transformers is a dependency
+    pass
+
+
 def layout_tokens(batch: dict) -> int:
     """Tokens a forward over the layout computes (pads excluded)."""
     return int((batch["layout_segment_ids"] != PAD_SEGMENT).sum())

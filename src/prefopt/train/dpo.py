@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -143,28 +144,41 @@ def precompute_reference(reference: ReferenceFn, policy: torch.nn.Module, items:
     """Reference log-probs of every example, [N, K], from the disk cache or one pass over the data.
 
     The cache file is keyed by the reference model's weights and the exact token ids, so a changed model
-    or changed data (or truncation settings) gives a new key. Returns (logps, cache path, was_cached).
+    or changed data (or truncation settings) gives a new key. With several processes each computes every
+    n-th example and the shards are gathered, so no process waits on another's whole pass; every node's local
+    main process writes the file (nodes need not share a file system). Returns (logps, cache path, was_cached).
     """
+    from accelerate.utils import gather_object
+
     key = hashlib.sha256(f"{model_key}|{data_fingerprint(items)}".encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"ref-logps-{key}.safetensors"
-    cached = path.is_file()
-    if accelerator.is_main_process and not cached:
-        out = []
-        was_training = policy.training
-        policy.eval()
-        with torch.no_grad():
-            for chunk in tqdm(micro_batches(list(range(len(items))), micro_batch_size), desc="reference log-probs",
-                              disable=not progress, dynamic_ncols=True):
-                batch = to_device(collate([items[i] for i in chunk]), accelerator.device)
-                with accelerator.autocast():
-                    out.append(reference(policy, batch).float().cpu())
-        policy.train(was_training)
+    here = path.is_file()
+    everywhere = all(gather_object([here])) if accelerator.num_processes > 1 else here
+    if everywhere:
+        return load_file(str(path))["reference_logps"], path, True
+    mine = list(range(accelerator.process_index, len(items), accelerator.num_processes))
+    rows: list[Tensor] = []
+    was_training = policy.training
+    policy.eval()
+    with torch.no_grad():
+        for chunk in tqdm(micro_batches(mine, micro_batch_size), desc="reference log-probs",
+                          disable=not progress, dynamic_ncols=True):
+            batch = to_device(collate([items[i] for i in chunk]), accelerator.device)
+            with accelerator.autocast():
+                rows.extend(reference(policy, batch).float().cpu())
+    policy.train(was_training)
+    shard = list(zip(mine, rows))
+    gathered = gather_object(shard) if accelerator.num_processes > 1 else shard
+    logps = torch.empty(len(items), items[0].num_responses if items else 0)
+    for i, row in gathered:
+        logps[i] = row
+    if accelerator.is_local_main_process and not here:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"reference_logps": torch.cat(out)}, str(tmp))
-        tmp.rename(path)
-    accelerator.wait_for_everyone()  # every process passes here, cached or not
-    return load_file(str(path))["reference_logps"], path, cached
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")  # runs may share the cache
+        save_file({"reference_logps": logps.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+    return logps, path, False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,6 +204,8 @@ def train_dpo(cfg: DPOConfig, accelerator: Accelerator | None = None) -> dict[st
         reference: ReferenceFn = zero_reference
     elif cfg.lora and not cfg.ref_model:
         reference = adapter_reference(accelerator.unwrap_model, logps_fn)
+    elif run.reference is None:  # precompute from the initial policy itself: no copy of the weights is made
+        reference = live_reference(policy, logps_fn)
     else:
         reference = live_reference(run.reference.to(accelerator.device), logps_fn)
     collate = make_collate(tokenizer.pad_token_id, packing=cfg.packing, prefix_sharing=cfg.prefix_sharing)

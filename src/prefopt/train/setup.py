@@ -99,8 +99,11 @@ def load_run_inputs(cfg: TrainConfig, accelerator: Accelerator, *, kind: str = "
     if kind not in ("preferences", "sft"):
         raise ValueError(f"unknown run kind {kind!r}")
     train_items, eval_items = load_preference_items(cfg, tokenizer, accelerator, kind=kind)
+    # a separate frozen copy is needed only to run the reference live (a LoRA policy is its own reference, and
+    # precomputing reads the initial policy once before it changes)
+    own_ref = not getattr(cfg, "ref_model", None)
     needs_ref = kind == "preferences" and not getattr(cfg, "reference_free", False) \
-        and not (cfg.lora and not getattr(cfg, "ref_model", None))
+        and not (own_ref and (cfg.lora or getattr(cfg, "precompute_ref", False) is not False))
     model, reference = load_policy(cfg, with_reference=needs_ref)
     return RunInputs(model, tokenizer, train_items, eval_items, reference)
 
