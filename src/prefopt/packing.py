@@ -60,7 +60,8 @@ def layout_name(packing: bool, prefix_sharing: bool) -> str | None:
 
 def build_layout(examples: Sequence[TokenizedExample], *, packing: bool, prefix_sharing: bool,
                  pad_token_id: int = 0) -> dict[str, Tensor | int | str]:
-    """The layout tensors (``LAYOUT_KEYS``, plus ``layout`` naming it and ``layout_num_rows`` = K*B)."""
+    """The layout tensors (``LAYOUT_KEYS``), plus ``layout`` naming it, ``layout_num_rows`` = K*B and
+    ``layout_spans`` (per row, the (start, end, has-branches) of each group: what segment attention loops over)."""
     name = layout_name(packing, prefix_sharing)
     if name is None:
         raise ValueError("build_layout needs packing and/or prefix_sharing (the plain layout is collate_preferences)")
@@ -110,10 +111,13 @@ def build_layout(examples: Sequence[TokenizedExample], *, packing: bool, prefix_
     targets: list[int] = []
     target_rows: list[int] = []
     seg_no = 0
+    spans: list[list[tuple[int, int, bool]]] = []  # per row: (start, end, has branches) of each group, in order
     for r, group in enumerate(groups):
         off = 0
+        spans.append([])
         for ids, pos, br, tg in group:
             n = len(ids)
+            spans[r].append((off, off + n, any(br)))
             input_ids[r, off:off + n] = torch.tensor(ids, dtype=torch.long)
             position_ids[r, off:off + n] = torch.tensor(pos, dtype=torch.long)
             segment_ids[r, off:off + n] = seg_no
@@ -140,6 +144,7 @@ def build_layout(examples: Sequence[TokenizedExample], *, packing: bool, prefix_
         "layout_pick": rank[src_t],
         "layout_targets": torch.tensor(targets, dtype=torch.long),
         "layout_rows": torch.tensor(target_rows, dtype=torch.long),
+        "layout_spans": spans,
     }
 
 
@@ -211,23 +216,25 @@ SEGMENT_ATTENTION = "prefopt_segments"
 _SEGMENTS_KWARG = "prefopt_segments"
 
 
-def layout_groups(segment_ids: Tensor, branch_ids: Tensor) -> list[list[tuple[int, int, Tensor | None]]]:
+def layout_groups(segment_ids: Tensor, branch_ids: Tensor,
+                  spans: list[list[tuple[int, int, bool]]] | None = None) -> list[list[tuple[int, int, Tensor | None]]]:
     """Per row, its groups in order as (start, end, mask): mask None for a causal sequence, else the group's
-    [G, G] bool mask (prefix sharing). Tokens after the last group are pads."""
-    seg = segment_ids.tolist()
-    plan: list[list[tuple[int, int, Tensor | None]]] = []
-    for r, row in enumerate(seg):
-        groups, start = [], 0
-        for i in range(1, len(row) + 1):
-            if i == len(row) or row[i] != row[start]:
-                if row[start] != PAD_SEGMENT:
-                    br = branch_ids[r, start:i]
-                    mask = None
-                    if bool((br != 0).any()):
-                        mask = allowed_attention(segment_ids[r:r + 1, start:i], br[None])[0]
-                    groups.append((start, i, mask))
-                start = i
-        plan.append(groups)
+    [G, G] bool mask (prefix sharing). Tokens after the last group are pads. ``spans`` (``layout_spans``, made by
+    the collator on the CPU) gives the boundaries without reading the ids back from the device."""
+    if spans is None:
+        spans = []
+        for row in segment_ids.tolist():
+            spans.append([])
+            start = 0
+            for i in range(1, len(row) + 1):
+                if i == len(row) or row[i] != row[start]:
+                    if row[start] != PAD_SEGMENT:
+                        spans[-1].append((start, i, True))  # masks decide; a causal group gets an all-causal one
+                    start = i
+    plan = []
+    for r, row_spans in enumerate(spans):
+        plan.append([(s, e, allowed_attention(segment_ids[r:r + 1, s:e], branch_ids[r:r + 1, s:e])[0] if shared
+                      else None) for s, e, shared in row_spans])
     return plan
 
 
@@ -297,7 +304,7 @@ def segment_attention(base: torch.nn.Module, batch: dict):
     if base.config._attn_implementation != SEGMENT_ATTENTION:
         base.config._attn_implementation = SEGMENT_ATTENTION
     seg = batch["layout_segment_ids"]
-    plan = _SegmentPlan(layout_groups(seg, batch["layout_branch_ids"]))
+    plan = _SegmentPlan(layout_groups(seg, batch["layout_branch_ids"], batch.get("layout_spans")))
     placeholder = torch.ones(seg.shape[0], 1, 1, 1, dtype=torch.bool, device=seg.device)
     yield {_SEGMENTS_KWARG: plan, "attention_mask": placeholder}
     if plan.calls == 0:
