@@ -143,8 +143,8 @@ class DPOConfig(TrainConfig):
     reference_free: bool = False
     """Use a uniform reference (log pi_ref = 0): no reference model at all."""
     precompute_ref: bool | None = None
-    """Compute the reference log-probs in one pass before training, cache them on disk and free the reference
-    model (default: on whenever there is a reference; false: run the reference live at every step)."""
+    """Compute the reference log-probs in one pass before training and cache them on disk (default: on whenever
+    there is a reference; false: run the reference live at every step)."""
     cache_dir: str | None = None
     """Where precomputed reference log-probs are cached (default: $PREFOPT_CACHE or ~/.cache/prefopt)."""
     packing: bool = False
@@ -154,6 +154,11 @@ class DPOConfig(TrainConfig):
     logps_chunk_size: int = 0
     """Compute log-probs through the LM head this many positions at a time, so the full logits tensor never
     exists (0: off)."""
+
+    @property
+    def precomputes_reference(self) -> bool:
+        """precompute_ref as it takes effect: None (the default) means on, and a reference-free run has none."""
+        return self.precompute_ref is not False and not self.reference_free
 
     def validate(self) -> None:
         super().validate()

@@ -210,7 +210,7 @@ def train_dpo(cfg: DPOConfig, accelerator: Accelerator | None = None) -> dict[st
         reference = live_reference(run.reference.to(accelerator.device), logps_fn)
     collate = make_collate(tokenizer.pad_token_id, packing=cfg.packing, prefix_sharing=cfg.prefix_sharing)
 
-    if cfg.precompute_ref is not False and not cfg.reference_free:  # None (the default) means on
+    if cfg.precomputes_reference:
         model_key = model_fingerprint(run.reference if run.reference is not None else policy)
         model_key += f"|{cfg.dtype}|{cfg.mixed_precision}"
         all_items = run.train_items + run.eval_items

@@ -91,11 +91,11 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
     # AdamW for a 27M-parameter model, and it makes no full-size temporaries (lower peak memory).
     fusable = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
                   for p in params)
-    try:
-        if fusable:
+    if fusable:
+        try:
             return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    except (RuntimeError, ValueError):
-        pass
+        except (RuntimeError, ValueError):  # a build without the fused kernel: the default below
+            pass
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 

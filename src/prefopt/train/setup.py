@@ -103,7 +103,7 @@ def load_run_inputs(cfg: TrainConfig, accelerator: Accelerator, *, kind: str = "
     # precomputing reads the initial policy once before it changes)
     own_ref = not getattr(cfg, "ref_model", None)
     needs_ref = kind == "preferences" and not getattr(cfg, "reference_free", False) \
-        and not (own_ref and (cfg.lora or getattr(cfg, "precompute_ref", False) is not False))
+        and not (own_ref and (cfg.lora or getattr(cfg, "precomputes_reference", False)))
     model, reference = load_policy(cfg, with_reference=needs_ref)
     return RunInputs(model, tokenizer, train_items, eval_items, reference)
 
