@@ -1,4 +1,4 @@
-"""DPO training throughput: TRL's DPOTrainer against prefopt's plain and fast log-prob paths (issue 5).
+"""DPO training throughput: TRL's DPOTrainer against prefopt's plain and fast log-prob paths.
 
 Not a test; run by hand from the repository root:
 

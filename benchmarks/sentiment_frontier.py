@@ -1,4 +1,4 @@
-"""The DPO paper's sentiment frontier (Figure 2) on rt-polarity: DPO against PPO, reward against KL (issue 4).
+"""The DPO paper's sentiment frontier (Figure 2) on rt-polarity: DPO against PPO, reward against KL.
 
 Not a test; run by hand from the repository root:
 

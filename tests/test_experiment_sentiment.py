@@ -7,7 +7,8 @@ import pytest
 from prefopt.cli import main
 from prefopt.errors import ConfigError
 from prefopt.eval.kl import best_of_n_kl
-from prefopt.experiments.sentiment import SentimentConfig, Stages, run_sentiment
+from prefopt.experiments.sentiment import SentimentConfig, run_sentiment
+from prefopt.experiments.stages import Stages
 
 TINY = ["--size", "tiny", "--corpus-size", "600", "--sft-steps", "20", "--sft-lr", "3e-3", "--num-prompts", "32",
         "--samples-per-prompt", "3", "--max-new-tokens", "16", "--betas", "0.1,0.5", "--dpo-steps", "4",

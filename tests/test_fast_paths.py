@@ -101,6 +101,26 @@ def test_fast_path_equals_plain(mode, k, tie):
     assert_grads_close(g_fast, g_plain)
 
 
+@pytest.mark.parametrize("mode", FAST_MODES, ids=MODE_IDS)
+def test_fast_path_equals_plain_with_a_sliding_window(mode):
+    """A sliding-window model (every layer windowed, sequences up to 20 tokens against a window of 4): the layouts
+    give each layer the block mask AND the window over position ids, so they still equal the plain path."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    packing, prefix, chunk = mode
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                             sliding_window=4)).float()
+    examples = random_examples(4, 2, seed=21)
+    weights = torch.randn(8, generator=torch.Generator().manual_seed(5))
+    plain, g_plain = logps_and_grads(model, batch_for(examples, False, False), forward_logps, weights)
+    fast, g_fast = logps_and_grads(model, batch_for(examples, packing, prefix),
+                                   make_logps_fn(packing=packing, prefix_sharing=prefix, chunk_size=chunk), weights)
+    torch.testing.assert_close(fast.sum, plain.sum, rtol=1e-5, atol=1e-5)
+    assert_grads_close(g_fast, g_plain)
+
+
 def test_plain_path_is_the_naive_definition():
     """Anchor: the reference the fast paths are compared with is itself right (one unpadded sequence at a time)."""
     model = tiny_llama()
@@ -421,3 +441,14 @@ def test_segment_attention_is_registered_on_import_and_refused_where_unsupported
     with pytest.raises(ValueError, match="segment attention"):
         layout_logps(model, batch_for(random_examples(2, 2), True, False), None, "segments")
     assert model.config._attn_implementation == "eager"  # refused before anything was switched
+
+
+def test_precompute_cache_is_not_shared_between_log_prob_modes(tiny_model_dir, synthetic_pairs, tmp_path, capsys):
+    """The cache key names the log-prob mode: a plain run never reads what a packed run wrote (last-bit
+    differences between layouts stay within each mode)."""
+    kw = dict(precompute_ref=True, cache_dir=str(tmp_path / "cache"), max_steps=1)
+    train_dpo(_cfg(tiny_model_dir, synthetic_pairs, tmp_path / "packed", packing=True, **kw))
+    assert "computed and cached" in capsys.readouterr().out
+    train_dpo(_cfg(tiny_model_dir, synthetic_pairs, tmp_path / "plain", **kw))
+    assert "computed and cached" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("ref-logps-*.safetensors"))) == 2

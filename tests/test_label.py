@@ -6,7 +6,8 @@ import pytest
 from prefopt.cli import main
 from prefopt.data import load_preferences
 from prefopt.errors import ConfigError
-from prefopt.label import label_samples, load_reward_fn, make_rows, read_samples, score_groups
+from prefopt.label import label_samples, make_rows, read_samples, score_groups
+from prefopt.rewards import load_reward_fn
 
 
 def length_reward(prompts, responses):
@@ -127,11 +128,11 @@ def test_cli_label_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 def test_reward_model_path(tmp_path):
-    rm = pytest.importorskip("prefopt.train.rm", reason="prefopt.train.rm (load_reward_model, score_texts) "
+    rm = pytest.importorskip("prefopt.rewards", reason="prefopt.rewards (load_reward_model, score_texts) "
                              "is written in parallel and not there yet")
     from conftest import make_tiny_reward_model
     from prefopt.data import synthetic_text
-    from prefopt.label import reward_model_fn
+    from prefopt.rewards import reward_model_fn
     from prefopt.models import train_tokenizer
 
     make_tiny_reward_model(tmp_path / "rm", train_tokenizer(synthetic_text(50), vocab_size=300))

@@ -160,3 +160,24 @@ def test_load_tokenizer_pad_fallback(tiny_dir, tmp_path):
     tok.save_pretrained(tmp_path / "neither")
     with pytest.raises(ValueError, match="neither"):
         load_tokenizer(tmp_path / "neither")
+
+
+def test_disable_dropout_reaches_attention_rates_stored_as_floats():
+    """Llama-family attention keeps config.attention_dropout as a float and passes it to the kernel in training."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefopt.models import disable_dropout
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=4, intermediate_size=64, attention_dropout=0.5))
+    ids = torch.randint(0, 64, (2, 12))
+    model.train()
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # attention dropout is live
+    disable_dropout(model)
+    rates = [m.attention_dropout for m in model.modules() if hasattr(m, "attention_dropout")]
+    assert rates and all(r == 0.0 for r in rates)
+    train_logits = model(ids).logits
+    model.eval()
+    torch.testing.assert_close(train_logits, model(ids).logits)
+

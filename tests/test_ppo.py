@@ -14,8 +14,9 @@ from prefopt import rl
 from prefopt.cli import main
 from prefopt.config import PPOConfig
 from prefopt.errors import ConfigError
-from prefopt.train.ppo import (PolicyWithValueHead, Rollout, collate_rollouts, encode_prompts, load_prompts,
-                               load_value_head, policy_forward, sample_responses, train_ppo)
+from prefopt.data.prompts import encode_prompts, read_prompts
+from prefopt.generation import sample_ids
+from prefopt.train.ppo import PolicyWithValueHead, Rollout, collate_rollouts, load_value_head, policy_forward, train_ppo
 
 PPO_KEYS = ["step", "reward", "kl", "entropy", "clipfrac", "value_loss", "policy_loss", "approx_kl", "kl_coef",
             "response_length"]
@@ -166,27 +167,26 @@ def test_rollout_logps_match_the_sampling_distribution(tiny_model_dir):
     torch.testing.assert_close(logps, expected, atol=1e-4, rtol=0)
     assert values.shape == logps.shape
 
-    # sample_responses stops each response at its first EOS and returns token ids (no padding)
-    torch.manual_seed(1)
-    rs = sample_responses(lm, prompt_ids, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                          max_new_tokens=5, temperature=1.0)
+    # sample_ids stops each response at its first EOS and returns token ids (no padding)
+    rs = sample_ids(lm, prompt_ids, [1, 2], pad_id=tok.pad_token_id, eos_ids=[tok.eos_token_id], max_new_tokens=5,
+                    temperature=1.0)
     assert len(rs) == 2 and all(1 <= len(r) <= 5 for r in rs)
     assert all(tok.eos_token_id not in r[:-1] for r in rs)
 
 
-def test_load_prompts_formats(tmp_path):
+def test_read_prompts_formats(tmp_path):
     (tmp_path / "p.txt").write_text("first\n\nsecond\nfirst\n")
-    assert load_prompts(str(tmp_path / "p.txt")) == ["first", "second"]
+    assert read_prompts(str(tmp_path / "p.txt"), unique=True) == ["first", "second"]
     rows = [{"prompt": "a", "chosen": "x", "rejected": "y"}, {"prompt": "a", "chosen": "z", "rejected": "w"},
             {"prompt": "b", "chosen": "x", "rejected": "y"}]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert load_prompts(str(tmp_path / "pairs.jsonl")) == ["a", "b"]
+    assert read_prompts(str(tmp_path / "pairs.jsonl"), unique=True) == ["a", "b"]
     hh = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
     sft = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]}
     (tmp_path / "hh.jsonl").write_text(json.dumps(hh) + "\n")
     (tmp_path / "sft.jsonl").write_text(json.dumps(sft) + "\n")
-    assert load_prompts(str(tmp_path / "hh.jsonl")) == ["\n\nHuman: hi\n\nAssistant:"]
-    assert load_prompts(str(tmp_path / "sft.jsonl")) == [[{"role": "user", "content": "q"}]]
+    assert read_prompts(str(tmp_path / "hh.jsonl"), unique=True) == ["\n\nHuman: hi\n\nAssistant:"]
+    assert read_prompts(str(tmp_path / "sft.jsonl"), unique=True) == [[{"role": "user", "content": "q"}]]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,7 +228,9 @@ def test_toy_reward_rises_and_kl_coef_bounds_kl(tiny_model_dir, prompt_file, tmp
     runs = {}
     for coef in (0.01, 2.0):
         out = tmp_path / f"kl{coef}"
-        train_ppo(toy_cfg(tiny_model_dir, prompt_file, out, kl_coef=coef), reward_fn=reward)
+        # 32 rollouts an iteration: the rise over 8 iterations stands well above the sampling noise of a 16-rollout
+        # mean (about 0.05 here), whichever random stream the sampler draws
+        train_ppo(toy_cfg(tiny_model_dir, prompt_file, out, kl_coef=coef, rollout_batch_size=32), reward_fn=reward)
         runs[coef] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     weak, strong = runs[0.01], runs[2.0]
     assert weak[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the reference itself

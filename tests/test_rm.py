@@ -13,7 +13,8 @@ from prefopt.config import RMConfig
 from prefopt.data import make_synthetic_preferences, write_jsonl
 from prefopt.errors import ConfigError
 from prefopt.models import init_model, load_tokenizer
-from prefopt.train.rm import bradley_terry, build_reward_model, load_reward_model, score_texts, train_rm
+from prefopt.rewards import load_reward_model, score_texts
+from prefopt.train.rm import RewardModeling, bradley_terry, build_reward_model, center_penalty, train_rm
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,31 @@ def test_bradley_terry_loss():
     assert acc.item() == pytest.approx(2 / 3)
     with pytest.raises(ConfigError, match="center_rewards_coefficient"):
         RMConfig(model="m", data="d", output_dir="o", center_rewards_coefficient=-1).validate()
+
+
+def test_center_penalty_is_the_squared_pair_sum_and_spares_the_margin():
+    r = torch.tensor([[1.0, -1.0], [2.0, 0.5]])
+    torch.testing.assert_close(center_penalty(r), torch.tensor([0.0, 6.25]))  # (1 - 1)^2, (2 + 0.5)^2
+    # three ranked responses: the mean over the pairs (0,1), (0,2), (1,2)
+    r3 = torch.tensor([[3.0, 1.0, -2.0]])
+    torch.testing.assert_close(center_penalty(r3), torch.tensor([(16.0 + 1.0 + 1.0) / 3]))
+    # shifting both rewards by the same amount moves the penalty, widening their margin around 0 does not
+    assert center_penalty(torch.tensor([[2.0, -2.0]])).item() == 0.0
+
+    class Fixed(torch.nn.Module):  # a "reward model" whose logits are given
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": self.logits})()
+
+    batch = {"input_ids": torch.zeros(4, 3, dtype=torch.long), "attention_mask": torch.ones(4, 3),
+             "num_responses": 2}
+    logits = torch.tensor([[1.0], [2.0], [-1.0], [0.5]])  # response-major: chosen of both pairs, then rejected
+    plain = RewardModeling().step(Fixed(logits), batch).losses
+    centred = RewardModeling(0.1).step(Fixed(logits), batch).losses
+    torch.testing.assert_close(centred - plain, 0.1 * torch.tensor([0.0, 6.25]))
 
 
 def test_score_texts_batched_equals_single_unpadded_forward(tiny):

@@ -7,12 +7,84 @@ Training sub-commands take their flags from the config dataclass (``--micro-batc
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import DPOConfig, TrainConfig, unwrap_optional, field_docs, field_types, load_config
+from .config import (
+    DPOConfig,
+    GenerateConfig,
+    InspectConfig,
+    LabelConfig,
+    PPOConfig,
+    RMConfig,
+    ScoreConfig,
+    SFTConfig,
+    TrainConfig,
+    field_docs,
+    field_types,
+    load_config,
+    unwrap_optional,
+)
 from .errors import PrefoptError
+from .experiments.sentiment import SentimentConfig
+
+
+@dataclass(frozen=True)
+class Command:
+    """One config-driven sub-command: its flags come from ``config``, and ``runner`` gets the loaded config."""
+
+    name: str
+    """Words after 'prefopt': 'dpo', or 'experiment sentiment' for a command of the 'experiment' group."""
+    config: type
+    runner: str
+    """'module:function', imported only when the command runs (so --help never imports torch)."""
+    help: str
+    description: str | None = None
+    """The command's --help description; default: the config class's docstring."""
+    report: str | None = None
+    """Printed after the runner, formatted with the mapping it returns."""
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("dpo", DPOConfig, "prefopt.train.dpo:train_dpo",
+            "train a causal LM on preference data with DPO or a related loss",
+            "Train with DPO (or cdpo, robust, ipo, ipo_per_token, hinge, plackett_luce)."),
+    Command("sft", SFTConfig, "prefopt.train.sft:train_sft",
+            "supervised fine-tuning on prompt/response, conversation or text data",
+            "Supervised fine-tuning: NLL of the response tokens (prompt tokens masked). "
+            "--from-preferences trains on the chosen responses of preference data."),
+    Command("rm", RMConfig, "prefopt.train.rm:train_rm",
+            "train a Bradley-Terry reward model on preference pairs",
+            "Train a reward model (a scalar head on a causal LM) with "
+            "-log sigmoid(r_chosen - r_rejected); saved for AutoModelForSequenceClassification."),
+    Command("ppo", PPOConfig, "prefopt.train.ppo:train_ppo",
+            "RLHF with PPO: sample, score with a reward model or function, KL-penalised "
+            "clipped updates (the DPO paper's baseline)",
+            "PPO-RLHF (Ziegler et al. 2019): prompts from --data, reward from --reward-model "
+            "or --reward-fn, per-token KL penalty against the initial policy, GAE, clipped "
+            "policy and value losses. One step = one rollout batch + ppo_epochs of updates."),
+    Command("generate", GenerateConfig, "prefopt.generation:run_generate",
+            "sample responses to prompts (batched, KV-cached, reproducible per seed)"),
+    Command("label", LabelConfig, "prefopt.label:run_label",
+            "score samples with a reward function or model and write preference pairs or rankings"),
+    Command("score", ScoreConfig, "prefopt.score:run_score",
+            "implicit rewards beta*(log pi - log pi_ref) of a DPO model, pair accuracy, optional RM comparison"),
+    Command("experiment sentiment", SentimentConfig, "prefopt.experiments.sentiment:run_sentiment",
+            "controlled sentiment generation: reward vs KL for DPO, PPO, Best-of-N",
+            " ".join((SentimentConfig.__doc__ or "").split()) + " Stages are resumable: a rerun skips finished "
+            "ones. Without --data the built-in review corpus (exact reward) is used.",
+            report="table: {markdown}\nplot:  {plot}"),
+    Command("data inspect", InspectConfig, "prefopt.data.inspect:run_inspect",
+            "print one data row as the model sees it: text, tokens, prompt/response boundary, truncation"),
+)
+
+# Command groups ('prefopt experiment ...'): help and the metavar of the group's sub-command argument.
+GROUPS = {"experiment": ("experiments from the DPO paper: 'prefopt experiment sentiment'", "EXPERIMENT"),
+          "data": ("look at data as the model will see it: 'prefopt data inspect'", "ACTION")}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig]) -> None:
@@ -42,10 +114,13 @@ def config_from_args(cls: type[TrainConfig], args: argparse.Namespace) -> TrainC
 # Sub-commands
 
 
-def cmd_dpo(args: argparse.Namespace) -> int:
-    from .train.dpo import train_dpo
-
-    train_dpo(config_from_args(DPOConfig, args))
+def run_command(command: Command, args: argparse.Namespace) -> int:
+    """Load the command's config from the flags (and --config), import its runner, run it."""
+    config = config_from_args(command.config, args)  # type: ignore[arg-type]
+    module, func = command.runner.split(":")
+    result = getattr(importlib.import_module(module), func)(config)
+    if command.report is not None:
+        print(command.report.format_map(result))
     return 0
 
 
@@ -59,88 +134,13 @@ def cmd_model_init(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from .quickstart import run_quickstart
+    from .experiments.quickstart import run_quickstart
 
     run_quickstart(args.output_dir, steps=args.max_steps, sft_steps=args.sft_steps, size=args.size, seed=args.seed)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prefopt", description="Direct Preference Optimization for causal LMs.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("dpo", help="train a causal LM on preference data with DPO or a related loss",
-                       description="Train with DPO (or cdpo, robust, ipo, ipo_per_token, hinge, plackett_luce).")
-    add_config_flags(p, DPOConfig)
-    p.set_defaults(func=cmd_dpo)
-
-    # [anchor: sft/rm sub-commands]
-    from .config import RMConfig, SFTConfig
-
-    def cmd_sft(args: argparse.Namespace) -> int:
-        from .train.sft import train_sft
-
-        train_sft(config_from_args(SFTConfig, args))
-        return 0
-
-    def cmd_rm(args: argparse.Namespace) -> int:
-        from .train.rm import train_rm
-
-        train_rm(config_from_args(RMConfig, args))
-        return 0
-
-    p = sub.add_parser("sft", help="supervised fine-tuning on prompt/response, conversation or text data",
-                       description="Supervised fine-tuning: NLL of the response tokens (prompt tokens masked). "
-                                   "--from-preferences trains on the chosen responses of preference data.")
-    add_config_flags(p, SFTConfig)
-    p.set_defaults(func=cmd_sft)
-
-    p = sub.add_parser("rm", help="train a Bradley-Terry reward model on preference pairs",
-                       description="Train a reward model (a scalar head on a causal LM) with "
-                                   "-log sigmoid(r_chosen - r_rejected); saved for AutoModelForSequenceClassification.")
-    add_config_flags(p, RMConfig)
-    p.set_defaults(func=cmd_rm)
-
-    # [anchor: ppo sub-command]
-    from .config import PPOConfig
-
-    def cmd_ppo(args: argparse.Namespace) -> int:
-        from .train.ppo import train_ppo
-
-        train_ppo(config_from_args(PPOConfig, args))
-        return 0
-
-    p = sub.add_parser("ppo", help="RLHF with PPO: sample, score with a reward model or function, KL-penalised "
-                                   "clipped updates (the DPO paper's baseline)",
-                       description="PPO-RLHF (Ziegler et al. 2019): prompts from --data, reward from --reward-model "
-                                   "or --reward-fn, per-token KL penalty against the initial policy, GAE, clipped "
-                                   "policy and value losses. One step = one rollout batch + ppo_epochs of updates.")
-    add_config_flags(p, PPOConfig)
-    p.set_defaults(func=cmd_ppo)
-
-    # [anchor: generate/label/score sub-commands]
-    from .config import GenerateConfig, LabelConfig, ScoreConfig
-
-    def _pipeline_command(module: str, func: str, cls: type) -> Callable[[argparse.Namespace], int]:
-        def run(args: argparse.Namespace) -> int:
-            import importlib
-
-            getattr(importlib.import_module(f"prefopt.{module}"), func)(config_from_args(cls, args))
-            return 0
-        return run
-
-    for name, cls, module, func, help_ in (
-        ("generate", GenerateConfig, "generation", "run_generate",
-         "sample responses to prompts (batched, KV-cached, reproducible per seed)"),
-        ("label", LabelConfig, "label", "run_label",
-         "score samples with a reward function or model and write preference pairs or rankings"),
-        ("score", ScoreConfig, "score", "run_score",
-         "implicit rewards beta*(log pi - log pi_ref) of a DPO model, pair accuracy, optional RM comparison"),
-    ):
-        p = sub.add_parser(name, help=help_, description=" ".join((cls.__doc__ or help_).split()))
-        add_config_flags(p, cls)  # type: ignore[arg-type]
-        p.set_defaults(func=_pipeline_command(module, func, cls))
-
+def _add_model_parser(sub: Any) -> None:
     p = sub.add_parser("model", help="make models: 'prefopt model init'")
     msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     q = msub.add_parser("init", help="build a small Llama-style model and train its byte-level BPE tokenizer")
@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_model_init)
 
+
+def _add_quickstart_parser(sub: Any) -> None:
     p = sub.add_parser("quickstart", help="the built-in demo: the DPO paper's sentiment experiment in minutes "
                                           "(SFT, sampled pairs, DPO, reward vs KL table and plot)")
     p.add_argument("--output-dir", default="runs/quickstart", help="where every stage goes (a rerun skips done ones)")
@@ -160,22 +162,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_quickstart)
 
-    from .experiments.sentiment import SentimentConfig
 
-    def cmd_experiment_sentiment(args: argparse.Namespace) -> int:
-        from .experiments.sentiment import run_sentiment
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefopt", description="Direct Preference Optimization for causal LMs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, Any] = {}
 
-        result = run_sentiment(config_from_args(SentimentConfig, args))  # type: ignore[arg-type]
-        print(f"table: {result['markdown']}\nplot:  {result['plot']}")
-        return 0
+    def add(command: Command) -> None:
+        *group, name = command.name.split()
+        parent = sub
+        if group:
+            if group[0] not in groups:
+                help_, metavar = GROUPS[group[0]]
+                p = sub.add_parser(group[0], help=help_)
+                groups[group[0]] = p.add_subparsers(dest=group[0], metavar=metavar, required=True)
+            parent = groups[group[0]]
+        description = command.description or " ".join((command.config.__doc__ or command.help).split())
+        p = parent.add_parser(name, help=command.help, description=description)
+        add_config_flags(p, command.config)
+        p.set_defaults(func=functools.partial(run_command, command))
 
-    p = sub.add_parser("experiment", help="experiments from the DPO paper: 'prefopt experiment sentiment'")
-    esub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
-    q = esub.add_parser("sentiment", help="controlled sentiment generation: reward vs KL for DPO, PPO, Best-of-N",
-                        description=" ".join((SentimentConfig.__doc__ or "").split()) + " Stages are resumable: a "
-                        "rerun skips finished ones. Without --data the built-in review corpus (exact reward) is used.")
-    add_config_flags(q, SentimentConfig)  # type: ignore[arg-type]
-    q.set_defaults(func=cmd_experiment_sentiment)
+    # Top-level commands, then the hand-written ones, then the groups: the order 'prefopt --help' lists them in.
+    for command in COMMANDS:
+        if " " not in command.name:
+            add(command)
+    _add_model_parser(sub)
+    _add_quickstart_parser(sub)
+    for command in COMMANDS:
+        if " " in command.name:
+            add(command)
     return parser
 
 
@@ -190,8 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ConnectionError) as e:  # a missing or unreadable model/data path, or the hub while offline
         print(f"prefopt: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # a run stopped on a signal: 128 + its number (SIGINT 130, SIGTERM 143)
+        return int(getattr(e, "exit_code", 130))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,7 +19,6 @@ generation prompt), so generated pairs can be labelled and trained on without a 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,11 +26,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .data.formats import text_field
-from .data.load import iter_rows
-from .data.tokenize import SpecialTokens, encode_prompt
+from .data.prompts import encode_prompts, read_prompts
 from .data.types import Text
-from .errors import ConfigError, DataError
+from .errors import ConfigError
+from .models import evaluating
 
 
 @dataclass
@@ -57,26 +55,6 @@ class Sample:
         d.pop("prompt_ids")
         d.pop("response_ids")
         return d
-
-
-# ------------------------------------------------------------------------------------------ prompts
-
-def read_prompts(path: str | Path) -> list[Text]:
-    """Prompts from a .txt file (one a line, blank lines skipped) or rows with a ``prompt`` field
-    (.jsonl/.json/.parquet/...: a string, or a list of {role, content} messages)."""
-    p = Path(path).expanduser()
-    if p.suffix.lower() == ".txt":
-        if not p.is_file():
-            raise DataError("file not found", source=str(p), reason="not_found")
-        lines = p.read_text(encoding="utf-8").splitlines()
-        prompts: list[Text] = [ln for ln in lines if ln.strip()]
-    else:
-        if not p.exists():
-            raise DataError("file not found", source=str(p), reason="not_found")
-        prompts = [text_field(row, "prompt", source) for row, source in iter_rows(p)]
-    if not prompts:
-        raise DataError("no prompts in file", source=str(p), reason="empty_file")
-    return prompts
 
 
 # ----------------------------------------------------------------------------------------- sampling
@@ -122,7 +100,9 @@ class SeededSampler:
         return scores - noise.log()  # -log(Exp(1)) is Gumbel(0, 1)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def end_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token that ends a response: the tokenizer's EOS and the model's ``generation_config.eos_token_id``
+    (a list for chat models with several end-of-turn tokens)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
@@ -144,6 +124,61 @@ def _check_options(temperature: float, top_p: float, top_k: int, max_new_tokens:
 
 
 @torch.no_grad()
+def sample_ids(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], seeds: Sequence[int], *,
+               eos_ids: Sequence[int], pad_id: int, bos_id: int | None = None, temperature: float = 1.0,
+               top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 128, batch_size: int = 16,
+               progress: bool = False) -> list[list[int]]:
+    """One response per prompt: its token ids up to and including the first end token (no padding), in input
+    order. ``seeds[j]`` seeds the draws of response j, so the result does not depend on the batching.
+
+    The model's own ``generation_config`` never changes the distribution: every sampling option transformers
+    would fill in from it (repetition penalty, n-gram blocking, minimum length, ...) is set to its neutral value
+    here, so a response is an exact draw from softmax(logits / temperature) after top-k / top-p -- what PPO's
+    log-probs assume.
+    """
+    from transformers import GenerationConfig, LogitsProcessorList
+    from tqdm.auto import tqdm
+
+    if len(seeds) != len(prompt_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(seeds)} seeds")
+    eos = set(eos_ids)
+    device = next(model.parameters()).device
+    gen_config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+        eos_token_id=list(eos_ids), pad_token_id=pad_id, bos_token_id=bos_id,
+        # neutral values, so that nothing from the model's own generation_config changes the distribution
+        temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        min_new_tokens=0, length_penalty=1.0,
+    )
+    # longest prompts first: less padding per batch; the per-row seeds make the result order-independent
+    order = sorted(range(len(prompt_ids)), key=lambda j: (-len(prompt_ids[j]), j))
+    out: list[list[int]] = [[] for _ in prompt_ids]
+    with evaluating(model):
+        bar = tqdm(total=len(order), desc="generating", unit="sample", disable=not progress)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            width = max(len(prompt_ids[j]) for j in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, j in enumerate(chunk):  # left padding: every prompt ends at the last column
+                ids = list(prompt_ids[j])
+                input_ids[r, width - len(ids):] = torch.tensor(ids)
+                attention_mask[r, width - len(ids):] = 1
+            processors = None
+            if temperature > 0:
+                processors = LogitsProcessorList([SeededSampler([seeds[j] for j in chunk], temperature, top_k,
+                                                                top_p, device)])
+            generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                       generation_config=gen_config, logits_processor=processors)[:, width:].tolist()
+            for r, j in enumerate(chunk):
+                ids = generated[r]
+                end = next((t for t, tok in enumerate(ids) if tok in eos), None)
+                out[j] = ids if end is None else ids[:end + 1]
+            bar.update(len(chunk))
+        bar.close()
+    return out
+
+
 def generate_samples(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Text], *, num_samples: int = 1,
                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 128,
                      seed: int | None = 0, batch_size: int = 16, progress: bool = False) -> list[Sample]:
@@ -153,65 +188,26 @@ def generate_samples(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[T
     Calling twice with the same seed and prompts gives the same samples: vary the seed between calls (e.g. a
     PPO step counter) to get new ones.
     """
-    from transformers import GenerationConfig
-    from tqdm.auto import tqdm
-
     _check_options(temperature, top_p, top_k, max_new_tokens, num_samples, batch_size)
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
-    sp = SpecialTokens.of(tokenizer)
-    encoded = [encode_prompt(p, tokenizer, sp) for p in prompts]
-    eos_ids = _eos_ids(model, tokenizer)
+    encoded = encode_prompts(prompts, tokenizer)
+    eos_ids = end_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    device = next(model.parameters()).device
-    gen_config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-        eos_token_id=eos_ids, pad_token_id=pad_id, bos_token_id=tokenizer.bos_token_id,
-        # neutral values, so that nothing from the model's own generation_config changes the distribution
-        temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-        min_new_tokens=0, length_penalty=1.0,
-    )
-    # longest prompts first: less padding per batch; the per-row seeds make the result order-independent
-    jobs = sorted(((i, s) for i in range(len(prompts)) for s in range(num_samples)),
-                  key=lambda js: (-len(encoded[js[0]]), js))
-    results: dict[tuple[int, int], Sample] = {}
-    was_training = model.training
-    model.eval()
-    try:
-        bar = tqdm(total=len(jobs), desc="generating", unit="sample", disable=not progress)
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start:start + batch_size]
-            width = max(len(encoded[i]) for i, _ in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, (i, _) in enumerate(chunk):  # left padding: every prompt ends at the last column
-                ids = encoded[i]
-                input_ids[r, width - len(ids):] = torch.tensor(ids)
-                attention_mask[r, width - len(ids):] = 1
-            processors = []
-            if temperature > 0:
-                from transformers import LogitsProcessorList
-
-                processors = LogitsProcessorList([SeededSampler(
-                    [row_seed(seed, i, s) for i, s in chunk], temperature, top_k, top_p, device)])
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 generation_config=gen_config, logits_processor=processors or None)
-            generated = out[:, width:].tolist()
-            for r, (i, s) in enumerate(chunk):
-                ids = generated[r]
-                end = next((t for t, tok in enumerate(ids) if tok in eos_ids), None)
-                response_ids = ids if end is None else ids[:end + 1]
-                text_ids = response_ids if end is None else response_ids[:-1]
-                results[(i, s)] = Sample(
-                    prompt=prompts[i], response=tokenizer.decode(text_ids, skip_special_tokens=True),
-                    prompt_index=i, sample_index=s, prompt_tokens=len(encoded[i]),
-                    response_tokens=len(response_ids), ended_with_eos=end is not None,
-                    prompt_ids=list(encoded[i]), response_ids=response_ids)
-            bar.update(len(chunk))
-        bar.close()
-    finally:
-        model.train(was_training)
-    return [results[(i, s)] for i in range(len(prompts)) for s in range(num_samples)]
+    jobs = [(i, s) for i in range(len(prompts)) for s in range(num_samples)]
+    responses = sample_ids(model, [encoded[i] for i, _ in jobs], [row_seed(seed, i, s) for i, s in jobs],
+                           eos_ids=eos_ids, pad_id=pad_id, bos_id=tokenizer.bos_token_id, temperature=temperature,
+                           top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           progress=progress)
+    samples = []
+    for (i, s), response_ids in zip(jobs, responses):
+        ended = bool(response_ids) and response_ids[-1] in eos_ids
+        text_ids = response_ids[:-1] if ended else response_ids
+        samples.append(Sample(prompt=prompts[i], response=tokenizer.decode(text_ids, skip_special_tokens=True),
+                              prompt_index=i, sample_index=s, prompt_tokens=len(encoded[i]),
+                              response_tokens=len(response_ids), ended_with_eos=ended,
+                              prompt_ids=list(encoded[i]), response_ids=response_ids))
+    return samples
 
 
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Text], *, num_samples: int = 1,
@@ -228,12 +224,9 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Text], *,
 
 
 def write_samples(samples: Sequence[Sample], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for x in samples:
-            f.write(json.dumps(x.row(), ensure_ascii=False) + "\n")
-    return path
+    from .jsonl import write_jsonl
+
+    return write_jsonl((x.row() for x in samples), path)
 
 
 def run_generate(cfg: Any) -> list[Sample]:
@@ -256,5 +249,5 @@ def run_generate(cfg: Any) -> list[Sample]:
     return samples
 
 
-__all__ = ["Sample", "generate", "generate_samples", "read_prompts", "encode_prompt", "write_samples",
+__all__ = ["Sample", "generate", "generate_samples", "sample_ids", "end_token_ids", "read_prompts", "write_samples",
            "run_generate", "warp_logits", "SeededSampler", "row_seed"]

@@ -7,7 +7,8 @@ This is the paper's loop "sample y1, y2 ~ pi_ref(.|x), label with a reward, opti
     prefopt dpo --model sft --data pairs.jsonl ...
 
 The reward is a Python callable ``module:function`` (or ``path/to/file.py:function``) taking
-``(prompts: list, responses: list[str]) -> list[float]``, or a trained reward model (``prefopt.train.rm``).
+``(prompts: list, responses: list[str]) -> list[float]``, or a trained reward model (both from
+``prefopt.rewards``).
 
 Ties are never ordered arbitrarily: a pair whose scores differ by no more than ``min_margin`` (0: any tie) is
 not written, and a prompt whose best and worst responses tie is skipped and counted; in ranking mode a prompt
@@ -19,16 +20,15 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data.formats import text_field
-from .data.load import iter_rows
+from .data.formats import read_examples, text_field
 from .data.types import Text
 from .errors import ConfigError, DataError
-from .rewards import RewardFn, call_reward_fn, load_reward_fn, reward_model_fn  # noqa: F401 (re-exported)
+from .jsonl import write_jsonl
+from .rewards import RewardFn, call_reward_fn, load_reward_fn, reward_model_fn
 
 
 # ---------------------------------------------------------------------------------------- grouping
@@ -44,15 +44,20 @@ class PromptGroup:
 def read_samples(path: str | Path) -> tuple[list[PromptGroup], int]:
     """Group sample rows ``{prompt, response}`` by prompt (first-appearance order); identical responses of a
     prompt are kept once. Returns (groups, number of duplicate responses dropped)."""
-    groups: dict[str, PromptGroup] = {}
-    duplicates = 0
-    for row, source in iter_rows(path):
+    def sample(row: dict, source: str, fmt: str) -> tuple[Text, str, str]:
         prompt = text_field(row, "prompt", source)
         response = row.get("response")
         if not isinstance(response, str):
             raise DataError("missing or not a string (sample rows are {prompt, response} as written by "
                             "prefopt generate)", source=source, field="response",
                             reason="missing_field" if response is None else "wrong_type")
+        return prompt, response, source
+
+    # every row is validated first: a bad row stops with the full report (counts and file:line of each kind)
+    samples, _ = read_examples(path, lambda row, source: "samples", sample)
+    groups: dict[str, PromptGroup] = {}
+    duplicates = 0
+    for prompt, response, source in samples:
         key = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
         group = groups.setdefault(key, PromptGroup(prompt))
         if response in group.responses:
@@ -169,15 +174,6 @@ def label_samples(samples: str | Path, reward_fn: RewardFn, *, ranking: bool = F
     return rows, report
 
 
-def write_rows(rows: Sequence[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
-
-
 def run_label(cfg: Any) -> LabelReport:
     """``prefopt label``: score samples with a reward function or model, write pairs or ranked rows."""
     cfg.validate()
@@ -190,12 +186,11 @@ def run_label(cfg: Any) -> LabelReport:
     rows, report = make_rows(groups, ranking=cfg.ranking, all_pairs=cfg.all_pairs, min_margin=cfg.min_margin)
     report.duplicates = duplicates
     report.samples += duplicates
-    write_rows(rows, cfg.output)
+    write_jsonl(rows, cfg.output)
     print(f"{report.summary()}; output: {cfg.output}")
     if not rows:
         print("warning: no rows written (every prompt tied or had a single distinct response)", file=sys.stderr)
     return report
 
 
-__all__ = ["load_reward_fn", "call_reward_fn", "reward_model_fn", "read_samples", "score_groups", "make_rows",
-           "label_samples", "write_rows", "run_label", "LabelReport", "PromptGroup"]
+__all__ = ["read_samples", "score_groups", "make_rows", "label_samples", "run_label", "LabelReport", "PromptGroup"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import random
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .config import DTYPES as DTYPE_NAMES
 from .errors import ConfigError
 
 MODEL_SIZES: dict[str, dict[str, int]] = {
@@ -37,7 +37,7 @@ CHAT_TEMPLATE = (
     r"{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '</s>\n' }}"
     r"{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # name -> torch.dtype
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -93,57 +93,6 @@ def load_tokenizer(path, *, trust_remote_code: bool = False):
     return tok
 
 
-# -------------------------------------------------------------------------------------------- corpus
-
-def default_corpus(n: int = 600, seed: int = 0) -> list[str]:
-    """A few hundred varied English lines built from small word lists (deterministic)."""
-    rng = random.Random(seed)
-    names = ["Alice", "Bob", "the teacher", "my friend", "a small robot", "the old farmer", "Dr. Lee", "our team"]
-    verbs = ["found", "built", "painted", "explained", "carried", "wrote about", "fixed", "described", "shared"]
-    adjs = ["red", "quiet", "bright", "heavy", "strange", "simple", "useful", "ancient", "tiny", "happy"]
-    nouns = ["house", "river", "question", "garden", "machine", "letter", "story", "bridge", "answer", "cat"]
-    places = ["in the city", "near the lake", "at school", "on Monday", "after dinner", "in 1999", "at home"]
-    common = ("the of and to a in is it you that he was for on are with as his they be at one have this from "
-              "or had by word but what some we can out other were all there when up use your how said an each "
-              "she which do their time if will way about many then them write would like so these her long make "
-              "thing see him two has look more day could go come did number sound no most people my over know "
-              "water than call first who may down side been now find any new work part take get place made live "
-              "where after back little only round man year came show every good me give our under name very "
-              "through just form sentence great think say help low line differ turn cause much mean before move "
-              "right boy old too same tell does set three want air well also play small end put home read hand "
-              "port large spell add even land here must big high such follow act why ask men change went light "
-              "kind off need house picture try us again animal point mother world near build self earth father").split()
-    questions = ["What is", "Why is", "How do I find", "Can you describe", "Where is"]
-    out = []
-    for i in range(n):
-        a, v, j, o, p = (rng.choice(x) for x in (names, verbs, adjs, nouns, places))
-        kind = i % 5
-        if kind == 0:
-            out.append(f"{a[0].upper() + a[1:]} {v} the {j} {o} {p}.")
-        elif kind == 1:
-            out.append(f"{rng.choice(questions)} the {j} {o}?")
-        elif kind == 2:
-            out.append(f"Sure! The {o} is {j}, and {a} {v} it {p}. It has {rng.randint(2, 99)} parts.")
-        elif kind == 3:
-            words = rng.sample(common, rng.randint(6, 14))
-            out.append(" ".join(words).capitalize() + rng.choice([".", "!", "?", "..."]))
-        else:
-            out.append(f"I think {a} {v} a {j} {o}; however, the {rng.choice(nouns)} was {rng.choice(adjs)}.")
-    return out
-
-
-def _read_corpus(corpus) -> tuple[list[str], str]:
-    if corpus is None:
-        lines = default_corpus()
-        return lines, f"built-in default ({len(lines)} lines)"
-    if isinstance(corpus, (str, Path)):
-        path = Path(corpus)
-        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        return lines, f"file {path} ({len(lines)} lines)"
-    lines = [str(t) for t in corpus]
-    return lines, f"iterable ({len(lines)} texts)"
-
-
 # --------------------------------------------------------------------------------------------- model
 
 @contextmanager
@@ -165,7 +114,9 @@ def init_model(size: str, output_dir, *, corpus=None, vocab_size: int | None = N
 
     if size not in MODEL_SIZES:
         raise ConfigError(f"unknown model size {size!r}; choose one of: {', '.join(MODEL_SIZES)}")
-    texts, corpus_desc = _read_corpus(corpus)
+    from .data.synthetic import read_corpus
+
+    texts, corpus_desc = read_corpus(corpus)
     tok = train_tokenizer(texts, vocab_size=vocab_size or 4096)
     dims = MODEL_SIZES[size]
     config = LlamaConfig(
@@ -239,6 +190,46 @@ def freeze(model):
     return model
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP / torch.compile / peft wrappers (LoRA layers stay injected in it)."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+            inner = model.get_base_model()
+            if inner is model:
+                break
+            model = inner
+        else:
+            break
+    return model
+
+
+def decoder_of(base: torch.nn.Module) -> torch.nn.Module:
+    """The decoder (backbone) of a causal LM: the module whose output the LM head reads."""
+    dec = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if dec is None:
+        dec = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    if not isinstance(dec, torch.nn.Module) or dec is base:
+        raise TypeError(f"cannot find the decoder (backbone) of {type(base).__name__} ")
+    return dec
+
+
+@contextmanager
+def evaluating(model) -> Iterator:
+    """Inside the block ``model`` is in eval mode; afterwards it is back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def make_reference(policy, ref_path=None, **load_kwargs):
     """A frozen reference: a deep copy of `policy` as it is now, or a model loaded from `ref_path`."""
     if ref_path is None:
@@ -277,16 +268,20 @@ def reference_mode(model) -> Iterator:
 
 
 def disable_dropout(model) -> None:
-    """Set every dropout probability to 0 (modules and config), so train-mode forwards are deterministic."""
+    """Set every dropout probability to 0, so train-mode forwards are deterministic: ``nn.Dropout`` modules, the
+    config's rates, and the rates attention modules copy from the config as plain floats (Llama, Qwen2, Mistral,
+    Gemma and Phi-3 attention keep ``self.attention_dropout`` and pass it to the attention kernel in training)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    config = getattr(model, "config", None)
-    if config is not None:
-        for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
-                    "hidden_dropout_prob", "attention_probs_dropout_prob"):
-            if isinstance(getattr(config, key, None), float):
-                setattr(config, key, 0.0)
+    for obj in [getattr(model, "config", None), *model.modules()]:
+        for key in _DROPOUT_KEYS:
+            if type(getattr(obj, key, None)) is float:
+                setattr(obj, key, 0.0)
+
+
+_DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                 "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout_p", "attn_dropout")
 
 
 def enable_gradient_checkpointing(model) -> None:

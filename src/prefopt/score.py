@@ -3,14 +3,14 @@
 Inputs are tokenized with ``prefopt.data.tokenize_example`` (exactly the DPO training tokenization) and scored
 with ``prefopt.logprobs.forward_logps`` (one forward over the response-major concatenated batch). On preference
 data (any format ``load_preferences`` reads) it also reports pair accuracy and the mean margin, and with a
-trained reward model (``prefopt.train.rm``) the same numbers for that model on the same rows.
+trained reward model (``prefopt.rewards.reward_model_fn``) the same numbers for that model on the same rows.
 
     rewards = implicit_rewards(policy, reference, tokenizer, examples, beta=0.1)   # [N, K]
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +20,15 @@ import torch
 from torch import Tensor
 
 from .data import collate_preferences, load_preferences, tokenize_example
+from .data.collate import to_device
 from .data.formats import text_field
-from .data.load import iter_rows
+from .data.formats import read_examples
+from .data.load import iter_rows_lenient
 from .data.types import PreferenceExample, Text, TokenizedExample
 from .errors import ConfigError, DataError
+from .jsonl import write_jsonl
 from .logprobs import forward_logps, split_responses
+from .models import evaluating
 
 
 @dataclass
@@ -79,16 +83,15 @@ def score_examples(policy: torch.nn.Module, reference: torch.nn.Module | None, t
             by_k.setdefault(x.num_responses, []).append(i)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(policy.parameters()).device
-    modes = [(m, m.training) for m in (policy, reference) if m is not None]
-    for m, _ in modes:
-        m.eval()
-    try:
+    with contextlib.ExitStack() as modes:
+        for m in (policy, reference):
+            if m is not None:
+                modes.enter_context(evaluating(m))
         bar = tqdm(total=sum(len(v) for v in by_k.values()), desc="scoring", unit="example", disable=not progress)
         for k, indices in by_k.items():
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start:start + batch_size]
-                batch = collate_preferences([items[i] for i in chunk], pad_id)  # type: ignore[misc]
-                batch = {key: v.to(device) if isinstance(v, Tensor) else v for key, v in batch.items()}
+                batch = to_device(collate_preferences([items[i] for i in chunk], pad_id), device)  # type: ignore[misc]
                 pol = forward_logps(policy, batch)
                 ref = _reference_logps(policy, reference, batch)
                 rows = torch.tensor(chunk)
@@ -97,9 +100,6 @@ def score_examples(policy: torch.nn.Module, reference: torch.nn.Module | None, t
                 out["tokens"][rows, :k] = pol.by_example(k).count.float().cpu()
                 bar.update(len(chunk))
         bar.close()
-    finally:
-        for m, was_training in modes:
-            m.train(was_training)
     rewards = beta * (out["policy"] - out["reference"])
     return ScoredExamples(out["policy"], out["reference"], rewards, out["tokens"])
 
@@ -143,16 +143,22 @@ def read_scoring_data(path: str | Path, data_format: str = "auto") -> tuple[list
     Rows ``{prompt, response}`` (e.g. ``prefopt generate`` output) give one response each; anything else is read
     with ``load_preferences`` (explicit, conversational, implicit or ranked rows).
     """
-    first = next(iter(iter_rows(path)), None)
-    if first is None:
-        raise DataError("no rows", source=str(path), reason="empty_file")
-    row, _ = first
+    rows = iter_rows_lenient(path)
+    row = next((r for r, _ in rows if isinstance(r, dict)), None)  # the first readable row says which kind
+    rows.close()
+    if row is None:
+        if next(iter(iter_rows_lenient(path)), None) is None:
+            raise DataError("no rows", source=str(path), reason="empty_file")
+        row = {}  # no readable row at all: read_examples below reports every bad one
     if data_format == "auto" and "response" in row and "chosen" not in row and "responses" not in row:
-        examples = []
-        for row, source in iter_rows(path):
+        def sample(row: dict, source: str, fmt: str) -> PreferenceExample:
             prompt = text_field(row, "prompt", source)
             response = text_field(row, "response", source)
-            examples.append(PreferenceExample(prompt=prompt, responses=[response], source=source))
+            return PreferenceExample(prompt=prompt, responses=[response], source=source)
+
+        # the same validation report as training data (every bad row counted, then a stop with the report);
+        # no duplicate check: several samples of a prompt may well be identical
+        examples, _ = read_examples(path, lambda row, source: "samples", sample)
         return examples, False
     examples, report = load_preferences(path, format=data_format)
     print(report.summary())
@@ -207,7 +213,7 @@ def run_score(cfg: Any) -> dict[str, Any]:
     del policy, reference
     rm = None
     if cfg.reward_model:
-        from .label import call_reward_fn, reward_model_fn
+        from .rewards import call_reward_fn, reward_model_fn
 
         fn = reward_model_fn(cfg.reward_model, batch_size=cfg.batch_size)
         rm = _flat_rm_scores(lambda p, r: call_reward_fn(fn, p, r, f"reward model {cfg.reward_model}"),
@@ -225,11 +231,7 @@ def run_score(cfg: Any) -> dict[str, Any]:
         if rm is not None:
             summary["reward_model"] = pair_metrics(rm)
             lines.append(_fmt("reward model", summary["reward_model"]))
-    out = Path(cfg.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as f:
-        for i, ex in enumerate(examples):
-            f.write(json.dumps(_row(ex, i, scored, rm), ensure_ascii=False) + "\n")
+    out = write_jsonl((_row(ex, i, scored, rm) for i, ex in enumerate(examples)), cfg.output)
     print("\n".join(lines) + f"\nwrote per-row scores to {out}")
     return summary
 

@@ -7,6 +7,11 @@ import torch
 from .types import TokenizedExample
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors moved to ``device`` (other values, e.g. ``num_responses``, as they are)."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
 def collate_preferences(batch: list[TokenizedExample], pad_token_id: int,
                         pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor | int]:
     """Stack K responses of B examples into [K*B, T] rows ``prompt + response_k``, right-padded.

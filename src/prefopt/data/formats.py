@@ -12,14 +12,17 @@ Formats (detected from the first row, or named):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import ConfigError, DataError
 from .load import iter_rows_lenient
 from .types import PreferenceExample, Text
+from .validation import WARNINGS, ValidationReport
 
 FORMATS = ("explicit", "conversational", "implicit", "ranked")
 HH_MARKER = "\n\nAssistant:"
@@ -73,6 +76,7 @@ def text_field(row: dict, name: str, source: str, value: Any = None) -> Text:
     if isinstance(value, str):
         if not value.strip():
             raise DataError("is empty", source=source, field=name, reason="empty_field")
+        _check_utf8(value, name, source)
         return value
     if isinstance(value, list):
         if not value:
@@ -81,9 +85,21 @@ def text_field(row: dict, name: str, source: str, value: Any = None) -> Text:
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise DataError(f"messages must be {{'role': str, 'content': str}}, got {m!r:.80}", source=source,
                                 field=name, reason="wrong_type")
+            _check_utf8(m["content"], name, source)
         return [{"role": m["role"], "content": m["content"]} for m in value]
     raise DataError(f"must be a string or a list of messages, got {type(value).__name__}", source=source,
                     field=name, reason="wrong_type")
+
+
+def _check_utf8(text: str, name: str, source: str) -> None:
+    """Text that cannot be written as UTF-8 (a lone surrogate from a JSON escape like "\\ud800") is a bad row
+    here, not a crash in the tokenizer later."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"is not valid UTF-8 text ({text[e.start]!r} at position {e.start})", source=source,
+                            field=name, reason="non_utf8") from None
 
 
 def _split_conversations(row: dict, source: str) -> tuple[Text, list[Text]]:
@@ -151,18 +167,38 @@ def _ranked(row: dict, source: str) -> list[Text]:
 
 @dataclass
 class LoadReport:
-    """What load_preferences read: counts of loaded and skipped rows (by reason, with a few example sources)."""
+    """What load_preferences read: counts of loaded and skipped rows (by reason, with a few example sources).
+
+    ``validation`` is the full report (``data.validation.ValidationReport``: every kind with its first
+    occurrences, warnings such as duplicate pairs included); ``loaded``, ``skipped`` and ``examples`` are views
+    of it, and ``summary()`` is the one-line version.
+    """
 
     source: str
     format: str | None = None
-    loaded: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
+    validation: ValidationReport = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.validation is None:
+            self.validation = ValidationReport(source=self.source)
+
+    @property
+    def loaded(self) -> int:
+        return self.validation.kept
+
+    @property
+    def skipped(self) -> Counter:
+        """Rows not loaded, by reason (warnings such as duplicates are loaded, so not here)."""
+        return Counter({k: n for k, n in self.validation.counts.items() if k not in WARNINGS})
+
+    @property
+    def examples(self) -> dict[str, list[str]]:
+        """reason -> the first few sources of skipped rows."""
+        return {k: [s for s, _ in occ] for k, occ in self.validation.occurrences.items() if k not in WARNINGS}
 
     def add_skip(self, err: DataError, keep: int = 3) -> None:
-        self.skipped[err.reason] += 1
-        if len(self.examples.setdefault(err.reason, [])) < keep:
-            self.examples[err.reason].append(err.source or "?")
+        self.validation.rows += 1
+        self.validation.add_error(err)
 
     def summary(self) -> str:
         total = self.loaded + sum(self.skipped.values())
@@ -170,44 +206,68 @@ class LoadReport:
         if self.skipped:
             parts = [f"{r}={n} (e.g. {', '.join(self.examples[r])})" for r, n in self.skipped.most_common()]
             text += f"; skipped {sum(self.skipped.values())}: " + "; ".join(parts)
+        warnings = {k: n for k, n in self.validation.counts.items() if k in WARNINGS}
+        if warnings:
+            text += "; warnings: " + "; ".join(f"{k}={n} (kept)" for k, n in warnings.items())
         return text
 
     __str__ = summary
+
+
+def _pair_key(ex: PreferenceExample) -> Any:
+    return (ex.prompt, ex.responses)
 
 
 def load_preferences(path: Any, *, format: str = "auto", split: str | None = None, skip_bad: bool = False,
                      limit: int | None = None) -> tuple[list[PreferenceExample], LoadReport]:
     """Load a preference dataset (file, saved dataset dir, hub name, ``datasets.Dataset`` or list of dicts).
 
-    The format is detected from the first readable row unless named. Without ``skip_bad`` the first bad row
-    raises DataError; with it, bad rows are skipped and counted in the report. ``limit`` caps loaded examples.
+    The format is detected from the first readable row unless named. The whole input is validated (see
+    ``data.validation``): without ``skip_bad`` any bad row raises DataValidationError (a DataError naming the
+    first bad row, with the full report in its message); with it, bad rows are skipped and counted in the
+    report. Duplicate pairs are kept and counted as warnings. ``limit`` caps loaded examples.
     """
     if format != "auto" and format not in FORMATS:
         raise ConfigError(f"unknown data format '{format}'; choose one of: auto, {', '.join(FORMATS)}")
     return read_examples(path, detect_format, to_example, format=format, split=split, skip_bad=skip_bad,
-                         limit=limit)
+                         limit=limit, duplicate_key=_pair_key)
 
 
 def read_examples(path: Any, detect: Callable[[dict, str], str], convert: Callable[[dict, str, str], Any], *,
-                  format: str = "auto", split: str | None = None, skip_bad: bool = False, limit: int | None = None
-                  ) -> tuple[list[Any], LoadReport]:
+                  format: str = "auto", split: str | None = None, skip_bad: bool = False, limit: int | None = None,
+                  duplicate_key: Callable[[Any], Any] | None = None) -> tuple[list[Any], LoadReport]:
     """Rows -> examples with ``convert(row, source, fmt)``; the format comes from ``detect`` on the first good
-    row unless named. Without ``skip_bad`` the first bad row raises DataError; with it, bad rows are counted."""
+    row unless named. Every row is read and validated; bad rows are counted in ``report.validation``, and then
+    without ``skip_bad`` the report is raised (DataValidationError), with it they are skipped.
+    ``duplicate_key(example)``: examples with equal keys after the first are counted as ``duplicate`` (kept)."""
     label = str(path) if isinstance(path, (str, os.PathLike)) else type(path).__name__
     report = LoadReport(source=label, format=None if format == "auto" else format)
+    check = report.validation
+    check.skip_bad = skip_bad
     examples: list[Any] = []
+    seen: dict[bytes, str] = {}
     for row, source in iter_rows_lenient(path, split):
         if limit is not None and len(examples) >= limit:
             break
+        check.rows += 1
         try:
             if isinstance(row, DataError):
                 raise row
             if report.format is None:
                 report.format = detect(row, source)
-            examples.append(convert(row, source, report.format))
+            example = convert(row, source, report.format)
         except DataError as e:
-            if not skip_bad:
-                raise
-            report.add_skip(e)
-    report.loaded = len(examples)
+            check.add_error(e)
+            continue
+        examples.append(example)
+        if duplicate_key is not None:
+            digest = hashlib.blake2b(json.dumps(duplicate_key(example), sort_keys=True, ensure_ascii=False)
+                                     .encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            if digest in seen:
+                check.add("duplicate", source, seen[digest])
+            else:
+                seen[digest] = source
+    check.kept = len(examples)
+    check.check()
+    check.raise_if_bad()
     return examples, report

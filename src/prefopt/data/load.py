@@ -1,7 +1,8 @@
 """Read raw rows from local files, saved `datasets` directories, in-memory data or the hub.
 
 Every row comes with a ``source`` string ("path:line" for JSON lines, "path[index]" otherwise) so that
-errors point at the exact input row.
+errors point at the exact input row. JSON lines are read as bytes and decoded line by line, so a line that is
+not UTF-8 is one bad row (reason ``non_utf8``) rather than the end of the read.
 """
 
 from __future__ import annotations
@@ -56,11 +57,24 @@ def _check_object(row: Any, source: str) -> dict | DataError:
     return DataError(f"row is a JSON {type(row).__name__}, expected an object", source=source, reason="not_an_object")
 
 
-def _iter_json_lines(lines: Iterable[str], name: str) -> Iterator[tuple[dict | DataError, str]]:
-    for lineno, line in enumerate(lines, start=1):
+def _decode(raw: bytes, source: str, first: bool) -> str | DataError:
+    """One line's bytes as text; a DataError (reason ``non_utf8``) naming the first bad byte if not UTF-8."""
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        return DataError(f"is not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at column {e.start + 1})",
+                         source=source, reason="non_utf8")
+
+
+def _iter_json_lines(lines: Iterable[bytes], name: str) -> Iterator[tuple[dict | DataError, str]]:
+    for lineno, raw in enumerate(lines, start=1):
+        source = f"{name}:{lineno}"
+        line = _decode(raw, source, lineno == 1)
+        if isinstance(line, DataError):
+            yield line, source
+            continue
         if not line.strip():
             continue
-        source = f"{name}:{lineno}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -83,10 +97,15 @@ def _iter_file(path: Path) -> Iterator[tuple[dict | DataError, str]]:
                 index += 1
         return
     opener = gzip.open if path.suffix.lower() == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with opener(path, "rb") as f:  # bytes: a line that is not UTF-8 is a bad row, not a crash of the whole read
         if suffixes.startswith(".json") and not suffixes.startswith(".jsonl"):
-            text = f.read()
-            if text.lstrip().startswith("["):  # one JSON array of objects
+            data = f.read()
+            if data.lstrip().startswith((b"[", b"\xef\xbb\xbf[")):  # one JSON array of objects
+                try:
+                    text = data.decode("utf-8-sig")
+                except UnicodeDecodeError as e:
+                    line = data.count(b"\n", 0, e.start) + 1
+                    raise DataError("is not valid UTF-8", source=f"{name}:{line}", reason="non_utf8") from None
                 try:
                     rows = json.loads(text)
                 except json.JSONDecodeError as e:
@@ -95,7 +114,7 @@ def _iter_file(path: Path) -> Iterator[tuple[dict | DataError, str]]:
                 for i, row in enumerate(rows):
                     yield _check_object(row, f"{name}[{i}]"), f"{name}[{i}]"
                 return
-            yield from _iter_json_lines(text.splitlines(), name)
+            yield from _iter_json_lines(data.split(b"\n"), name)
         else:
             yield from _iter_json_lines(f, name)
 

@@ -112,7 +112,8 @@ def load_sft(path: Any, *, format: str = "auto", split: str | None = None, skip_
     """Load SFT examples (file, saved dataset dir, hub name, ``datasets.Dataset`` or list of dicts).
 
     ``from_preferences``: read preference data (``format`` is then a preference format) and keep the chosen
-    responses. Errors and ``skip_bad`` behave as in ``load_preferences``.
+    responses. Errors, ``skip_bad`` and the validation report (``report.validation``; a duplicate is an example
+    with the same prompt and target as an earlier one) behave as in ``load_preferences``.
     """
     if from_preferences:
         prefs, report = load_preferences(path, format=format, split=split, skip_bad=skip_bad, limit=limit)
@@ -121,7 +122,7 @@ def load_sft(path: Any, *, format: str = "auto", split: str | None = None, skip_
         hint = " (a preference format: add --from-preferences)" if format in PREFERENCE_FORMATS else ""
         raise ConfigError(f"unknown SFT data format '{format}'{hint}; choose one of: auto, {', '.join(SFT_FORMATS)}")
     return read_examples(path, detect_sft_format, to_sft_example, format=format, split=split, skip_bad=skip_bad,
-                         limit=limit)
+                         limit=limit, duplicate_key=lambda ex: (ex.prompt, ex.response, ex.conversation))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,8 +1,34 @@
 """Tokenize PreferenceExamples with an exact prompt/response boundary.
 
-The prompt and each response are tokenized separately (``add_special_tokens=False``) and concatenated, so a
-merge across the join can never move tokens between prompt and response. BOS is prepended once to the prompt
-when the tokenizer normally adds one; EOS ends each response exactly once (unless the response is truncated).
+The rules (``prefopt data inspect`` shows them at work on one row):
+
+* **Boundary.** The prompt is tokenized on its own (``add_special_tokens=False``). A response is tokenized as the
+  *continuation* of its prompt: its ids are the ids of ``prompt_text + response_text`` after the prompt's ids, so
+  the concatenation is exactly what the tokenizer gives the whole text. Where the tokenizer would merge tokens
+  across the join (the joint ids do not start with the prompt's ids), the response is tokenized apart from the
+  prompt, still as continuing text (after an anchor, see ``encode_continuation``): no id ever moves between prompt
+  and response. So a SentencePiece tokenizer's start-of-text "▁" (Metaspace ``prepend_scheme`` "first" or
+  "always", or a ``Prepend("▁")`` normalizer) is never added to a response: " world" after "Hello" is
+  ``▁world`` (one "▁", from its space, never ``▁``, ``▁world``), "world" after "[/INST]" or after "assistant\\n" is
+  ``world`` (no "▁" the text does not have), and a response that starts with a space never loses it.
+* **BOS once.** BOS is prepended to the prompt when the tokenizer normally adds one (its post-processor does),
+  unless the prompt's ids already start with it (a chat template that writes ``bos_token`` into the text).
+  Responses never contain a BOS that prefopt or the tokenizer added.
+* **End of the response, once.** A response ends with exactly one end token. If the response text ends with a
+  special token of the tokenizer other than BOS, pad and unk (a chat template's end of turn: ``<|im_end|>``,
+  ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``, ``</s>``, or EOS written in plain text) followed only by
+  whitespace and further special tokens, the response ends at the first of them: what follows (the template's
+  newline before the next turn, an end-of-conversation EOS as in Phi-3's template) is dropped and no EOS is
+  appended, even when the tokenizer's ``eos_token`` is another token -- the end of turn is what a chat model
+  emits to stop (sampling stops at ``eos_token`` and at every id in the model's
+  ``generation_config.eos_token_id``; a model that does not stop there needs its ``eos_token`` set to the
+  end-of-turn token). Otherwise the tokenizer's EOS id is appended. A response cut by ``max_length`` loses its
+  end token.
+* **Message lists.** A message-list prompt is rendered with ``add_generation_prompt=True``, so the prompt ids
+  end with the generation prompt (e.g. ``<|im_start|>assistant\\n``); each response's text is the rendering of
+  prompt + response minus the prompt's rendering (the template must be prefix-stable), i.e. the assistant
+  content and the template's end of turn.
+* **Truncation**: see ``tokenize_example``.
 """
 
 from __future__ import annotations
@@ -23,6 +49,9 @@ class SpecialTokens:
     bos_id: int | None  # set only when the tokenizer normally adds BOS
     eos_id: int
     eos: str
+    turn_ends: tuple[str, ...] = ()
+    """Special tokens that can end a response (EOS and the tokenizer's other special tokens except BOS, pad and
+    unk), longest first; empty means EOS only."""
 
     @classmethod
     def of(cls, tokenizer: Any) -> "SpecialTokens":
@@ -31,7 +60,36 @@ class SpecialTokens:
         bos = tokenizer.bos_token_id
         adds_bos = (bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
                     and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos])
-        return cls(bos if adds_bos else None, tokenizer.eos_token_id, tokenizer.eos_token)
+        return cls(bos if adds_bos else None, tokenizer.eos_token_id, tokenizer.eos_token, _turn_ends(tokenizer))
+
+    @property
+    def ends(self) -> tuple[str, ...]:
+        return self.turn_ends or (self.eos,)
+
+
+def _turn_ends(tokenizer: Any) -> tuple[str, ...]:
+    """EOS and every special added token that is not BOS, unk or pad (pad only when it is not EOS)."""
+    skip = {getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "unk_token_id", None)}
+    if getattr(tokenizer, "pad_token_id", None) != tokenizer.eos_token_id:
+        skip.add(tokenizer.pad_token_id)
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    names = {tokenizer.eos_token} | {str(t) for i, t in decoder.items()
+                                     if getattr(t, "special", False) and i not in skip and str(t)}
+    return tuple(sorted(names, key=lambda t: (-len(t), t)))
+
+
+def split_end_of_turn(text: str, sp: SpecialTokens) -> tuple[str, str | None]:
+    """``(body, dropped)``: ``body`` ends at the first end token of ``text``'s trailing run of whitespace and end
+    tokens (inclusive); ``dropped`` is the rest of that run. Without such a token: ``(text, None)``."""
+    cut, rest = None, len(text)
+    while True:
+        stripped = text[:rest].rstrip()
+        end = next((e for e in sp.ends if stripped.endswith(e)), None)
+        if end is None:
+            break
+        rest = len(stripped) - len(end)
+        cut = len(stripped)
+    return (text, None) if cut is None else (text[:cut], text[cut:])
 
 
 def _render_chat(ex: PreferenceExample, tokenizer: Any) -> tuple[str, list[str]]:
@@ -68,11 +126,51 @@ def encode_prompt(prompt: Text, tokenizer: Any, specials: SpecialTokens | None =
     return ids
 
 
-def encode_response(text: str, tokenizer: Any, sp: SpecialTokens) -> list[int]:
-    if text.rstrip().endswith(sp.eos):  # the template already ends the turn with EOS; drop what follows it
-        text = text.rstrip()
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids if ids and ids[-1] == sp.eos_id else ids + [sp.eos_id]
+def _ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+CONTINUATION_ANCHORS = ("\n",)
+"""Text put before a response tokenized apart from its prompt (then the EOS string is tried): it makes the
+response continuing text (no start-of-text "▁") and is kept only if its ids are a prefix of the joint ids."""
+
+
+def encode_continuation(text: str, tokenizer: Any, sp: SpecialTokens) -> list[int]:
+    """Ids of ``text`` as text that continues something, never merged with what precedes it: the ids of
+    ``anchor + text`` after the anchor's ids, for the first anchor ("\\n", then the EOS string) whose ids stay a
+    prefix; plain ``tokenizer(text)`` if none does. Equals ``tokenizer(text)`` for byte-level BPE; for
+    SentencePiece it leaves out the start-of-text "▁"."""
+    for anchor in (*CONTINUATION_ANCHORS, sp.eos):
+        head, joint = _ids(tokenizer, [anchor, anchor + text])
+        if joint[:len(head)] == head:
+            return joint[len(head):]
+    return _ids(tokenizer, [text])[0]
+
+
+def _finish(ids: list[int], ended: bool, sp: SpecialTokens) -> list[int]:
+    return ids if ended or (ids and ids[-1] == sp.eos_id) else ids + [sp.eos_id]
+
+
+def encode_responses(prompt_text: str, texts: Sequence[str], tokenizer: Any, sp: SpecialTokens
+                     ) -> tuple[list[int], list[list[int]]]:
+    """``(prompt ids without BOS, response ids)``: each response continues ``prompt_text`` and ends with its end
+    token once (see the module doc)."""
+    splits = [split_end_of_turn(t, sp) for t in texts]
+    prompt, *joints = _ids(tokenizer, [prompt_text] + [prompt_text + body for body, _ in splits])
+    out = []
+    for (body, dropped), joint in zip(splits, joints):
+        ids = joint[len(prompt):] if joint[:len(prompt)] == prompt else encode_continuation(body, tokenizer, sp)
+        out.append(_finish(ids, dropped is not None, sp))
+    return prompt, out
+
+
+def encode_response(text: str, tokenizer: Any, sp: SpecialTokens, prompt_text: str | None = None) -> list[int]:
+    """Ids of one response: the continuation of ``prompt_text`` (without it: ``encode_continuation``), ending
+    with its end token once (the template's end of turn, or the appended EOS)."""
+    if prompt_text is not None:
+        return encode_responses(prompt_text, [text], tokenizer, sp)[1][0]
+    body, dropped = split_end_of_turn(text, sp)
+    return _finish(encode_continuation(body, tokenizer, sp), dropped is not None, sp)
 
 
 def tokenize_example(ex: PreferenceExample, tokenizer: Any, *, max_length: int | None = None,
@@ -81,7 +179,7 @@ def tokenize_example(ex: PreferenceExample, tokenizer: Any, *, max_length: int |
     """Tokenize one example; None when it cannot fit in ``max_length`` (see module doc for the rules).
 
     Truncation (when prompt + longest response > max_length): the prompt is cut from the start (BOS kept)
-    to ``max_prompt_length``, then responses are cut to ``max_length - len(prompt)`` (losing their EOS).
+    to ``max_prompt_length``, then responses are cut to ``max_length - len(prompt)`` (losing their end token).
     Without ``max_length``, ``max_prompt_length`` alone caps the prompt.
     """
     sp = specials or SpecialTokens.of(tokenizer)
@@ -89,11 +187,10 @@ def tokenize_example(ex: PreferenceExample, tokenizer: Any, *, max_length: int |
         prompt_text, response_texts = _render_chat(ex, tokenizer)
     else:
         prompt_text, response_texts = ex.prompt, list(ex.responses)
-    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    prompt, responses = encode_responses(prompt_text, response_texts, tokenizer, sp)
     head = [] if sp.bos_id is None or prompt[:1] == [sp.bos_id] else [sp.bos_id]
     prompt = head + prompt
     keep = 1 if prompt[:1] == [sp.bos_id] and sp.bos_id is not None else 0  # BOS survives prompt truncation
-    responses = [encode_response(t, tokenizer, sp) for t in response_texts]
     longest = max(len(r) for r in responses)
     truncated = False
     too_long = max_length is not None and len(prompt) + longest > max_length

@@ -28,8 +28,10 @@ import torch
 from torch import Tensor
 
 from ..data import collate_preferences
+from ..data.collate import to_device
 from ..data.types import TokenizedExample
 from ..logprobs import forward_logps
+from ..models import evaluating
 
 
 @dataclass
@@ -97,16 +99,11 @@ def sequence_logps(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]],
     order = sorted(range(len(items)), key=lambda i: len(items[i].prompt_ids) + len(items[i].response_ids[0]))
     out = torch.empty(len(items), dtype=torch.float32)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            batch = collate_preferences([items[i] for i in idx], pad_token_id)
-            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            batch = to_device(collate_preferences([items[i] for i in idx], pad_token_id), device)
             out[idx] = forward_logps(model, batch).sum.float().cpu()
-    finally:
-        model.train(was_training)
     return out
 
 

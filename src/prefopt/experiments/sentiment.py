@@ -3,8 +3,9 @@
     prefopt experiment sentiment --output-dir runs/sentiment                          # built-in corpus
     prefopt experiment sentiment --data ../shared/data/rt-polarity --output-dir runs/rt
 
-Stages (each in ``<output_dir>/<stage>/``, finished with a ``done`` marker; a rerun skips finished stages whose
-settings are unchanged and reruns those whose settings, or whose inputs, changed):
+Stages (run by ``experiments.stages.Stages``: each in ``<output_dir>/<stage>/``, finished with a ``done``
+marker; a rerun skips finished stages whose settings are unchanged and reruns those whose settings, or whose
+inputs, changed):
 
     data      split the reviews: ~50% SFT text (its prefixes are the training prompts), ~40% classifier
               training, the rest held out (classifier accuracy; its prefixes are the evaluation prompts)
@@ -26,11 +27,9 @@ Python: ``run_sentiment(SentimentConfig(output_dir=..., ...))``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ from typing import Any
 
 from ..config import check_field
 from ..errors import ConfigError
+from ..jsonl import read_jsonl, write_jsonl
 from . import corpus as corpus_mod
 from .reward import (
     ClassifierReward,
@@ -47,6 +47,7 @@ from .reward import (
     split_reviews,
     train_classifier,
 )
+from .stages import Stages
 
 METHODS = ("dpo", "ppo-rm", "ppo-gt", "best-of-n")
 SPLIT = (0.5, 0.4, 0.1)  # SFT text, classifier training, held out
@@ -176,66 +177,7 @@ def _numbers(name: str, values: Any, kind: type) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Stages: one folder each, a `done` marker with the settings' fingerprint, the result and the wall time
-
-
-class Stages:
-    """Run named stages once. ``run(name, key, fn, after=...)`` calls ``fn(stage_dir) -> dict`` unless
-    ``<root>/<name>/done`` holds the same fingerprint (of ``key`` and of the stages it runs after); then the
-    recorded result is returned. A stage whose fingerprint changed is cleared and run again."""
-
-    def __init__(self, root: str | Path, log: Callable[[str], None] = print):
-        self.root = Path(root)
-        self.log = log
-        self.fingerprints: dict[str, str] = {}
-        self.seconds: dict[str, float] = {}
-        self.skipped: list[str] = []
-        self.ran: list[str] = []
-
-    def run(self, name: str, key: dict[str, Any], fn: Callable[[Path], dict[str, Any]],
-            after: Sequence[str] = ()) -> dict[str, Any]:
-        blob = json.dumps({"key": key, "after": [self.fingerprints[a] for a in after]}, sort_keys=True, default=str)
-        fp = hashlib.sha256(blob.encode()).hexdigest()[:16]
-        self.fingerprints[name] = fp
-        stage_dir = self.root / name
-        marker = stage_dir / "done"
-        if marker.is_file():
-            info = json.loads(marker.read_text())
-            if info.get("fingerprint") == fp:
-                self.seconds[name] = info["seconds"]
-                self.skipped.append(name)
-                self.log(f"[{name}] done earlier ({info['seconds']:.1f} s): skipped")
-                return info["result"]
-            self.log(f"[{name}] settings or inputs changed since it ran: running it again")
-        if stage_dir.exists():
-            shutil.rmtree(stage_dir)
-        stage_dir.mkdir(parents=True)
-        self.log(f"[{name}] running")
-        t0 = time.perf_counter()
-        result = fn(stage_dir)
-        seconds = time.perf_counter() - t0
-        self.seconds[name] = seconds
-        self.ran.append(name)
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fp, "seconds": seconds, "result": result}, indent=2, default=str))
-        tmp.rename(marker)
-        self.log(f"[{name}] finished in {seconds:.1f} s")
-        return result
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _write_jsonl(rows: Sequence[dict], path: Path) -> Path:
-    with path.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return path
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _prompts(texts: Sequence[str], n: int, cfg: SentimentConfig, salt: str) -> list[str]:
@@ -312,16 +254,16 @@ class SentimentExperiment:
             else:
                 reviews = [(r.text, r.label) for r in corpus_mod.generate_reviews(cfg.corpus_size, cfg.seed)]
             sft, clf, held = split_reviews(reviews, SPLIT, cfg.seed)
-            _write_jsonl([{"text": t} for t, _ in sft], d / "sft.jsonl")
-            _write_jsonl([{"text": t, "label": y} for t, y in clf], d / "classifier_train.jsonl")
-            _write_jsonl([{"text": t, "label": y} for t, y in held], d / "heldout.jsonl")
+            write_jsonl([{"text": t} for t, _ in sft], d / "sft.jsonl")
+            write_jsonl([{"text": t, "label": y} for t, y in clf], d / "classifier_train.jsonl")
+            write_jsonl([{"text": t, "label": y} for t, y in held], d / "heldout.jsonl")
             train_prompts = _prompts([t for t, _ in sft], cfg.num_prompts, cfg, "train")
             eval_prompts = _prompts([t for t, _ in held], cfg.eval_prompts, cfg, "eval")
             if len(train_prompts) < cfg.num_prompts or len(eval_prompts) < cfg.eval_prompts:
                 self.log(f"[data] note: only {len(train_prompts)} training / {len(eval_prompts)} evaluation "
                          f"prompts available (asked for {cfg.num_prompts} / {cfg.eval_prompts})")
-            _write_jsonl([{"prompt": p} for p in train_prompts], d / "prompts_train.jsonl")
-            _write_jsonl([{"prompt": p} for p in eval_prompts], d / "prompts_eval.jsonl")
+            write_jsonl([{"prompt": p} for p in train_prompts], d / "prompts_train.jsonl")
+            write_jsonl([{"prompt": p} for p in eval_prompts], d / "prompts_eval.jsonl")
             return {"source": cfg.data or f"built-in corpus ({cfg.corpus_size} reviews, seed {cfg.seed})",
                     "reviews": len(reviews), "sft_texts": len(sft), "classifier_train": len(clf),
                     "heldout": len(held), "train_prompts": len(train_prompts), "eval_prompts": len(eval_prompts)}
@@ -333,7 +275,7 @@ class SentimentExperiment:
 
         def run(d: Path) -> dict[str, Any]:
             if not cfg.data:
-                held = _read_jsonl(self.out / "data" / "heldout.jsonl")
+                held = read_jsonl(self.out / "data" / "heldout.jsonl")
                 # how well the exact reward separates the latent labels (for comparison with a classifier)
                 acc = sum((corpus_mod.valence(r["text"]) > 0) == bool(r["label"]) for r in held) / max(len(held), 1)
                 return {**CorpusReward().info(), "valence_sign_accuracy_on_latent_labels": round(acc, 4)}
@@ -346,8 +288,8 @@ class SentimentExperiment:
     def _fit_classifier(self) -> ClassifierReward:
         """The ground-truth classifier, fit on the data stage's split (deterministic for the seed, ~2 s). It is
         refit rather than unpickled, so no code is ever loaded from an output directory."""
-        train = _read_jsonl(self.out / "data" / "classifier_train.jsonl")
-        test = _read_jsonl(self.out / "data" / "heldout.jsonl")
+        train = read_jsonl(self.out / "data" / "classifier_train.jsonl")
+        test = read_jsonl(self.out / "data" / "heldout.jsonl")
         return train_classifier([r["text"] for r in train], [r["label"] for r in train],
                                 [r["text"] for r in test], [r["label"] for r in test], seed=self.cfg.seed)
 
@@ -373,7 +315,7 @@ class SentimentExperiment:
             from ..models import init_model
             from ..train.sft import SFT_SUMMARY_KEYS, train_sft
 
-            texts = [r["text"] for r in _read_jsonl(self.out / "data" / "sft.jsonl")]
+            texts = [r["text"] for r in read_jsonl(self.out / "data" / "sft.jsonl")]
             init = init_model(cfg.size, d / "init", corpus=texts, vocab_size=cfg.vocab_size, seed=cfg.seed)
             mb = min(cfg.micro_batch_size, cfg.sft_batch_size)
             sft_cfg = SFTConfig(model=str(init), data=str(self.out / "data" / "sft.jsonl"), output_dir=str(d / "model"),
@@ -396,7 +338,7 @@ class SentimentExperiment:
         def run(d: Path) -> dict[str, Any]:
             from ..generation import generate_samples, write_samples
 
-            prompts = [r["prompt"] for r in _read_jsonl(self.out / "data" / "prompts_train.jsonl")]
+            prompts = [r["prompt"] for r in read_jsonl(self.out / "data" / "prompts_train.jsonl")]
             model, tok = _load_lm(self.sft_model)
             samples = generate_samples(model, tok, prompts, num_samples=cfg.samples_per_prompt, temperature=1.0,
                                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
@@ -410,11 +352,11 @@ class SentimentExperiment:
 
     def stage_pairs(self) -> dict[str, Any]:
         def run(d: Path) -> dict[str, Any]:
-            from ..label import PromptGroup, make_rows, score_groups, write_rows
+            from ..label import PromptGroup, make_rows, score_groups
 
             groups: dict[int, PromptGroup] = {}
             duplicates = empty = 0
-            for row in _read_jsonl(self.out / "samples" / "samples.jsonl"):
+            for row in read_jsonl(self.out / "samples" / "samples.jsonl"):
                 g = groups.setdefault(row["prompt_index"], PromptGroup(row["prompt"]))
                 if not row["response"].strip():  # an immediate EOS: preference data needs a non-empty response
                     empty += 1
@@ -428,7 +370,7 @@ class SentimentExperiment:
             score_groups(group_list, self.reward_fn, batch_size=1024, name="ground-truth reward")
             rows, report = make_rows(group_list)
             report.duplicates = duplicates
-            write_rows(rows, d / "pairs.jsonl")
+            write_jsonl(rows, d / "pairs.jsonl")
             self.log(f"[pairs] {report.summary()}" + (f"; {empty} empty responses left out" if empty else ""))
             if len(rows) < 2:
                 raise ConfigError("fewer than 2 preference pairs: sample more prompts (--num-prompts) or more "
@@ -443,7 +385,7 @@ class SentimentExperiment:
     # -- methods ----------------------------------------------------------------------------------------
 
     def _pair_count(self) -> int:
-        return len(_read_jsonl(self.out / "pairs" / "pairs.jsonl"))
+        return len(read_jsonl(self.out / "pairs" / "pairs.jsonl"))
 
     def stage_dpo(self, beta: float) -> str:
         cfg = self.cfg
@@ -502,7 +444,7 @@ class SentimentExperiment:
 
             prompts = self.out / "data" / "prompts_train.jsonl"
             rollout = cfg.ppo_rollout_batch_size
-            n_prompts = len({r["prompt"] for r in _read_jsonl(prompts)})  # train_ppo keeps each prompt once
+            n_prompts = len({r["prompt"] for r in read_jsonl(prompts)})  # train_ppo keeps each prompt once
             if n_prompts < rollout:
                 rollout = max(cfg.ppo_batch_size * (n_prompts // cfg.ppo_batch_size), 1)
             batch = min(cfg.ppo_batch_size, rollout)
@@ -532,7 +474,7 @@ class SentimentExperiment:
             from ..eval.kl import clustered_mean, estimate_kl
             from ..generation import generate_samples
 
-            prompts = [r["prompt"] for r in _read_jsonl(self.out / "data" / "prompts_eval.jsonl")]
+            prompts = [r["prompt"] for r in read_jsonl(self.out / "data" / "prompts_eval.jsonl")]
             model, tok = _load_lm(self.out / policy / "model")
             t0 = time.perf_counter()
             samples = generate_samples(model, tok, prompts, num_samples=cfg.eval_samples, temperature=1.0,
@@ -543,7 +485,7 @@ class SentimentExperiment:
             kl, lp, lr = estimate_kl(model, reference, samples, tok.pad_token_id, batch_size=cfg.micro_batch_size)
             rewards = self.reward_fn([s.prompt for s in samples], [s.response for s in samples])
             clusters = [s.prompt_index for s in samples]
-            _write_jsonl([{**s.row(), "reward": r, "logp": float(a), "ref_logp": float(b)}
+            write_jsonl([{**s.row(), "reward": r, "logp": float(a), "ref_logp": float(b)}
                           for s, r, a, b in zip(samples, rewards, lp, lr)], d / "samples.jsonl")
             _free(model, reference)
             return {"method": method, "setting": setting, "policy": policy,
@@ -563,7 +505,7 @@ class SentimentExperiment:
             from ..eval.kl import best_of_n_kl, clustered_mean
             from ..generation import generate_samples
 
-            prompts = [r["prompt"] for r in _read_jsonl(self.out / "data" / "prompts_eval.jsonl")]
+            prompts = [r["prompt"] for r in read_jsonl(self.out / "data" / "prompts_eval.jsonl")]
             n_max = max(cfg.best_of_n)
             model, tok = _load_lm(self.sft_model)
             t0 = time.perf_counter()
@@ -596,7 +538,7 @@ class SentimentExperiment:
                              "eos_share": sum(samples[j].ended_with_eos for j in picked) / len(picked),
                              # the cost of Best-of-N is sampling (N per prompt) and scoring, at inference time
                              "train_seconds": 0.0, "sampling_seconds": gen_seconds * n / n_max})
-            _write_jsonl([{**s.row(), "reward": r, "selector_score": q} for s, r, q in zip(samples, true_r, select_r)],
+            write_jsonl([{**s.row(), "reward": r, "selector_score": q} for s, r, q in zip(samples, true_r, select_r)],
                          d / "samples.jsonl")
             return {"rows": rows}
 
@@ -688,4 +630,4 @@ def run_sentiment(cfg: SentimentConfig, log: Callable[[str], None] = print) -> d
     return SentimentExperiment(cfg, log).run()
 
 
-__all__ = ["METHODS", "SentimentConfig", "SentimentExperiment", "Stages", "run_sentiment"]
+__all__ = ["METHODS", "SentimentConfig", "SentimentExperiment", "run_sentiment"]

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
@@ -22,12 +23,12 @@ from tqdm.auto import tqdm
 
 from .. import losses as L
 from ..config import DPOConfig
-from ..data import collate_preferences
 from ..data.types import TokenizedExample
 from ..errors import ConfigError
-from ..logprobs import LogpsFn, forward_logps, logps_fn_from_config
-from ..models import model_fingerprint, reference_mode
-from .loop import StepResult, format_summary, micro_batches, to_device, train
+from ..logprobs import LogpsFn, LogpsMode, forward_logps
+from ..models import evaluating, model_fingerprint, reference_mode, unwrap_model
+from ..packing import check_layout_support
+from .loop import StepResult, micro_batches, to_device, train
 from .setup import load_run_inputs, save_model_and_tokenizer
 
 ReferenceFn = Callable[[torch.nn.Module, dict], Tensor]
@@ -50,7 +51,9 @@ class DPO:
 
     def step(self, model: torch.nn.Module, batch: dict) -> StepResult:
         k = batch["num_responses"]
-        policy = self.logps_fn(model, batch).by_example(k)  # [B, K]
+        aux_coef = router_aux_loss_coef(model)
+        with capture_aux_loss(model if aux_coef else None) as aux:
+            policy = self.logps_fn(model, batch).by_example(k)  # [B, K]
         with torch.no_grad():
             ref = self.reference(model, batch).to(policy.sum.dtype)
         if self.loss_name == "plackett_luce":
@@ -66,6 +69,10 @@ class DPO:
                 rejected_lengths=policy.count[:, 1])
         if self.nll_weight:
             losses = losses + self.nll_weight * L.chosen_nll(policy.sum[:, 0], policy.count[:, 0])
+        extra = {}
+        if aux_coef:  # a MoE whose config asks for its router load-balancing loss: one value per forward
+            losses = losses + aux_coef * aux.value
+            extra["aux_loss"] = aux.value.detach().expand_as(losses)
         logps = policy.sum.detach()
         metrics = {
             "rewards/chosen": chosen_r,
@@ -75,8 +82,38 @@ class DPO:
             "logps/chosen": logps[:, 0],
             "logps/rejected": logps[:, -1],
             "grad_weight": torch.sigmoid(rejected_r - chosen_r),
+            **extra,
         }
         return StepResult(losses, metrics, tokens=batch["attention_mask"].sum())
+
+
+def router_aux_loss_coef(model: torch.nn.Module) -> float:
+    """The weight of a mixture-of-experts model's router load-balancing loss when its config asks for that loss
+    (``output_router_logits``; as transformers adds it to the LM loss), else 0."""
+    cfg = getattr(unwrap_model(model), "config", None)
+    if not getattr(cfg, "output_router_logits", False):
+        return 0.0
+    return float(getattr(cfg, "router_aux_loss_coef", 0.0) or 0.0)
+
+
+class capture_aux_loss(contextlib.AbstractContextManager):
+    """Inside the block, ``.value`` is the ``aux_loss`` of the model's last forward (``None`` model: off)."""
+
+    def __init__(self, model: torch.nn.Module | None):
+        self.value: Tensor | None = None
+        self._handle = None
+        if model is not None:
+            self._handle = unwrap_model(model).register_forward_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if getattr(output, "aux_loss", None) is not None:
+            self.value = output.aux_loss.float()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        if exc[0] is None and self._handle is not None and self.value is None:
+            raise RuntimeError("the model's config asks for its router aux loss, but its forward returned none")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -110,21 +147,43 @@ def zero_reference(policy: torch.nn.Module, batch: dict) -> Tensor:
     return torch.zeros(batch["input_ids"].shape[0] // k, k, device=batch["input_ids"].device)
 
 
-def make_collate(pad_token_id: int, *, packing: bool = False, prefix_sharing: bool = False
-                 ) -> Callable[[Sequence[TokenizedExample]], dict]:
-    """Plain padded batches; with packing / prefix_sharing also the layout the fast paths read (prefopt.packing)."""
-    from ..packing import build_layout
+def make_collate(pad_token_id: int, *, packing: bool = False, prefix_sharing: bool = False,
+                 mode: LogpsMode | None = None) -> Callable[[Sequence[TokenizedExample]], dict]:
+    """The batches of a log-prob mode (``mode``, or the one of packing / prefix_sharing: ``LogpsMode.collate``),
+    plus the cached reference log-probs when the examples carry them (after ``precompute_reference``)."""
+    collate = (mode or LogpsMode(packing=packing, prefix_sharing=prefix_sharing)).collate(pad_token_id)
 
-    def collate(examples: Sequence[TokenizedExample]) -> dict:
-        batch = collate_preferences(list(examples), pad_token_id)
-        if packing or prefix_sharing:
-            batch.update(build_layout(list(examples), packing=packing, prefix_sharing=prefix_sharing,
-                                      pad_token_id=pad_token_id))
+    def fn(examples: Sequence[TokenizedExample]) -> dict:
+        batch = collate(list(examples))
         if examples and "reference_logps" in examples[0].meta:
             batch["reference_logps"] = torch.stack([ex.meta["reference_logps"] for ex in examples])
         return batch
 
-    return collate
+    return fn
+
+
+REFERENCE_SOURCES = {
+    "none": "reference-free: log pi_ref = 0",
+    "adapters": "the policy with its LoRA adapters switched off",
+    "ref_model": "the model given by ref_model",
+    "initial_policy": "the initial policy itself, read once before training (no copy)",
+    "copy": "a frozen copy of the initial policy",
+}
+
+
+def reference_source(cfg: DPOConfig) -> str:
+    """Where a DPO run's reference log-probs come from (a key of ``REFERENCE_SOURCES``): decided here only.
+
+    A separate frozen model is loaded only for "ref_model" and "copy"; "initial_policy" is the precomputed pass
+    over the policy before its first update, and "adapters" needs no second copy of the weights either.
+    """
+    if cfg.reference_free:
+        return "none"
+    if cfg.ref_model:
+        return "ref_model"
+    if cfg.lora:
+        return "adapters"
+    return "initial_policy" if cfg.precomputes_reference else "copy"
 
 
 def data_fingerprint(items: Sequence[TokenizedExample]) -> str:
@@ -158,15 +217,12 @@ def precompute_reference(reference: ReferenceFn, policy: torch.nn.Module, items:
         return load_file(str(path))["reference_logps"], path, True
     mine = list(range(accelerator.process_index, len(items), accelerator.num_processes))
     rows: list[Tensor] = []
-    was_training = policy.training
-    policy.eval()
-    with torch.no_grad():
+    with evaluating(policy), torch.no_grad():
         for chunk in tqdm(micro_batches(mine, micro_batch_size), desc="reference log-probs",
                           disable=not progress, dynamic_ncols=True):
             batch = to_device(collate([items[i] for i in chunk]), accelerator.device)
             with accelerator.autocast():
                 rows.extend(reference(policy, batch).float().cpu())
-    policy.train(was_training)
     shard = list(zip(mine, rows))
     gathered = gather_object(shard) if accelerator.num_processes > 1 else shard
     logps = torch.empty(len(items), items[0].num_responses if items else 0)
@@ -190,7 +246,9 @@ def train_dpo(cfg: DPOConfig, accelerator: Accelerator | None = None) -> dict[st
     cfg.validate()
     accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
-    run = load_run_inputs(cfg, accelerator, kind="preferences")
+    source = reference_source(cfg)
+    run = load_run_inputs(cfg, accelerator, kind="preferences", with_reference=source in ("ref_model", "copy"),
+                          ref_model=cfg.ref_model)
     policy, tokenizer = run.model, run.tokenizer
     ks = {ex.num_responses for ex in run.train_items + run.eval_items}
     if len(ks) > 1:
@@ -199,20 +257,35 @@ def train_dpo(cfg: DPOConfig, accelerator: Accelerator | None = None) -> dict[st
         raise ConfigError(f"the data ranks {ks.pop()} responses per prompt; use --loss plackett_luce "
                           f"(loss '{cfg.loss}' compares pairs).")
 
-    logps_fn = logps_fn_from_config(cfg)  # plain, or packed / prefix-shared / chunked (issue 5)
-    if cfg.reference_free:
+    mode = LogpsMode.from_config(cfg)
+    accelerator.print(mode.describe(policy, cfg.micro_batch_size * max(ks, default=2) * cfg.max_length))
+    logps_fn = mode.logps_fn()
+    if source == "none":
         reference: ReferenceFn = zero_reference
-    elif cfg.lora and not cfg.ref_model:
+    elif source == "adapters":
         reference = adapter_reference(accelerator.unwrap_model, logps_fn)
-    elif run.reference is None:  # precompute from the initial policy itself: no copy of the weights is made
+    elif source == "initial_policy":
         reference = live_reference(policy, logps_fn)
     else:
         reference = live_reference(run.reference.to(accelerator.device), logps_fn)
-    collate = make_collate(tokenizer.pad_token_id, packing=cfg.packing, prefix_sharing=cfg.prefix_sharing)
+    if mode.layout is not None and router_aux_loss_coef(policy):
+        raise ConfigError(f"{type(unwrap_model(policy)).__name__} adds its router load-balancing loss "
+                          "(config.output_router_logits), which is computed over the tokens of a forward: the "
+                          f"'{mode.layout}' layout holds other tokens than the plain batch (no padding, a prompt "
+                          "once per pair), so it would change the loss. Use the plain layout (no --packing / "
+                          "--prefix-sharing), or set output_router_logits false in the model's config.")
+    if mode.layout is not None:  # a layout the model cannot run exactly is refused here, before any compute
+        for model in (policy, run.reference):
+            if model is not None:
+                check_layout_support(model, mode.layout)
+    collate = make_collate(tokenizer.pad_token_id, mode=mode)
+    accelerator.print(f"reference: {REFERENCE_SOURCES[source]}"
+                      + (", log-probs precomputed before training" if cfg.precomputes_reference else ""))
 
     if cfg.precomputes_reference:
+        # the key holds everything that can change the numbers: weights, precision and the log-prob mode
         model_key = model_fingerprint(run.reference if run.reference is not None else policy)
-        model_key += f"|{cfg.dtype}|{cfg.mixed_precision}"
+        model_key += f"|{cfg.dtype}|{cfg.mixed_precision}|{mode.key}"
         all_items = run.train_items + run.eval_items
         logps, path, cached = precompute_reference(
             reference, policy.to(accelerator.device), all_items, collate, micro_batch_size=cfg.micro_batch_size * 2,
@@ -226,13 +299,12 @@ def train_dpo(cfg: DPOConfig, accelerator: Accelerator | None = None) -> dict[st
 
     method = DPO(cfg.loss, cfg.beta, reference, label_smoothing=cfg.label_smoothing, nll_weight=cfg.nll_weight,
                  logps_fn=logps_fn)
-    summary = train(cfg, model=policy, method=method, train_items=run.train_items, collate=collate,
-                    eval_items=run.eval_items or None, accelerator=accelerator,
-                    save_final=lambda out: save_model_and_tokenizer(accelerator.unwrap_model(policy), tokenizer, out),
-                    summary_keys=DPO_SUMMARY_KEYS)
-    accelerator.print(format_summary(summary, DPO_SUMMARY_KEYS))
-    return summary
+    return train(cfg, model=policy, method=method, train_items=run.train_items, collate=collate,
+                 eval_items=run.eval_items or None, accelerator=accelerator,
+                 save_final=lambda out: save_model_and_tokenizer(accelerator.unwrap_model(policy), tokenizer, out),
+                 summary_keys=DPO_SUMMARY_KEYS)
 
 
 __all__ = ["DPO", "train_dpo", "live_reference", "adapter_reference", "precomputed_reference", "zero_reference",
-           "precompute_reference", "make_collate", "data_fingerprint", "DPO_SUMMARY_KEYS"]
+           "precompute_reference", "make_collate", "data_fingerprint", "reference_source", "REFERENCE_SOURCES",
+           "DPO_SUMMARY_KEYS"]

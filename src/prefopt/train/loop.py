@@ -8,8 +8,17 @@ per-example metrics for one micro-batch. The loop owns everything else:
   and eight of 1 give the same update;
 * the data order is a function of (seed, step) alone, so a resumed run sees exactly the batches an
   uninterrupted one would;
-* checkpoints hold the model (safetensors), optimizer, scheduler, RNG states and the step; they are written
-  to a temporary folder and renamed, so a crash never leaves a half-written checkpoint.
+* checkpoints (``train/checkpoints.py``) hold the model (safetensors), optimizer, scheduler, RNG states and the
+  step; they are written to a temporary folder, fsynced, given a manifest (sizes, sha256) last and renamed, so a
+  kill never leaves a half-written checkpoint and a damaged one is skipped on resume; the final model is written
+  the same way;
+* SIGINT and SIGTERM stop at the next step boundary with a checkpoint (``train/signals.py``); a non-finite
+  gradient norm stops the run (or skips the step) before the optimizer step, naming the examples.
+
+A method whose outer loop is not "a batch of examples per step" (PPO: sample, then several epochs of
+minibatch updates) does not copy this loop: it builds its own from the same parts, ``start_run`` and the
+``Run`` it returns (``optimizer_step``, ``log.step_done``, ``end_of_step``, ``finish``). Whatever those parts
+learn (a new checkpoint format, a stop on a signal, a check for non-finite values) every method then has.
 """
 
 from __future__ import annotations
@@ -17,10 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
-import re
-import signal
-import shutil
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +34,18 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig, save_config
-from ..errors import ConfigError
-from ..models import quiet_progress_bars
+from ..data.collate import to_device
+from ..errors import ConfigError, PrefoptError
+from ..jsonl import append_jsonl
+from ..models import evaluating, quiet_progress_bars
+from .checkpoints import (Checkpointer, clear_previous_run, config_differences, find_checkpoint,
+                          load_model_weights, previous_run, refuse_used_output_dir, resume_from, save_final_model, step_dirs,
+                          verify_checkpoint, write_atomic)
+from .signals import StopAtStepEnd, StopOnSignal, StopRequested
 
 
 @dataclass
@@ -78,10 +89,6 @@ class BatchSchedule:
 
 def micro_batches(items: Sequence[int], size: int) -> list[Sequence[int]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
 
 def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -136,13 +143,28 @@ class MetricSums:
             self.sums.update(zip(keys, values[:-1]))
             self.tokens = values[-1]
 
-    def reduce(self, accelerator: Accelerator) -> "MetricSums":
-        """Sum over processes."""
+    def merge(self, other: "MetricSums") -> None:
+        """Add another's sums into these (e.g. one reduced step into a logging window)."""
+        other._read_back()
+        self._read_back()
+        for k, v in other.sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.examples += other.examples
+        self.tokens += other.tokens
+        self.seconds += other.seconds
+
+    def reduce(self, accelerator: Accelerator, *, keys_may_differ: bool = False) -> "MetricSums":
+        """Sum over processes. ``keys_may_differ``: some processes may have seen no example (an eval set smaller
+        than the number of processes), so the metric names are agreed first (a missing one counts 0)."""
         self._read_back()
         if accelerator.num_processes == 1:
             return self
         keys = sorted(self.sums)
-        vec = torch.tensor([self.sums[k] for k in keys] + [self.examples, self.tokens], dtype=torch.float64,
+        if keys_may_differ:
+            from accelerate.utils import gather_object
+
+            keys = sorted(set().union(*gather_object([keys])))
+        vec = torch.tensor([self.sums.get(k, 0.0) for k in keys] + [self.examples, self.tokens], dtype=torch.float64,
                            device=accelerator.device)
         vec = accelerator.reduce(vec, reduction="sum")
         out = MetricSums()
@@ -160,178 +182,12 @@ class MetricSums:
         return row
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _checkpoint_dirs(output_dir: Path) -> list[Path]:
-    root = output_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := re.fullmatch(r"step-(\d+)", p.name)) and (p / "trainer_state.json").is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def find_checkpoint(resume: str, output_dir: Path) -> Path | None:
-    if resume == "auto":
-        ckpts = _checkpoint_dirs(output_dir)
-        return ckpts[-1] if ckpts else None
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise ConfigError(f"resume: {path} is not a prefopt checkpoint (no trainer_state.json). "
-                          f"Use a folder under {output_dir / 'checkpoints'} or 'auto'.")
-    return path
-
-
-def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
-    """Load weights written by ``save_pretrained`` (full model or peft adapters) into ``model`` in place."""
-    if hasattr(model, "load_saved_weights"):  # a wrapper that saves more than one module (PPO's value head)
-        model.load_saved_weights(directory)
-        return
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {directory}")
-    state: dict[str, Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, state)
-        return
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
-        tied = set(model._tied_weights_keys)
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {directory} does not match the model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-
-
-class Checkpointer:
-    def __init__(self, output_dir: Path, keep: int):
-        self.output_dir, self.keep = output_dir, keep
-
-    def save(self, step: int, accelerator: Accelerator, model, optimizer, scheduler, extra: dict) -> Path:
-        final = self.output_dir / "checkpoints" / f"step-{step:07d}"
-        if (final / "trainer_state.json").is_file():  # this step boundary is saved already
-            return final
-        tmp = final.with_name(final.name + ".tmp")
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            with quiet_progress_bars():
-                accelerator.unwrap_model(model).save_pretrained(tmp / "model", safe_serialization=True)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        accelerator.wait_for_everyone()
-        rank = accelerator.process_index
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, tmp / f"rng-{rank}.pt")
-        (tmp / f"python_rng-{rank}.json").write_text(json.dumps(random.getstate()))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            if self.keep:
-                for old in _checkpoint_dirs(self.output_dir)[:-self.keep]:
-                    shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        return final
-
-    @staticmethod
-    def load(path: Path, accelerator: Accelerator, model, optimizer, scheduler) -> dict:
-        load_model_weights(accelerator.unwrap_model(model), path / "model")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        rank = accelerator.process_index
-        if (path / f"rng-{rank}.pt").is_file():
-            rng = torch.load(path / f"rng-{rank}.pt", weights_only=True)
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
-            state = json.loads((path / f"python_rng-{rank}.json").read_text())
-            random.setstate((state[0], tuple(state[1]), state[2]))
-        return json.loads((path / "trainer_state.json").read_text())
-
-
-class StopAtStepEnd:
-    """Ctrl-C asks the loop to stop after the step in progress; ``check()`` at each step boundary then saves a
-    checkpoint there and raises KeyboardInterrupt, so a resumed run continues exactly. A second Ctrl-C stops at
-    once (the last checkpoint stays as it was). Across processes the request is shared at every step."""
-
-    def __init__(self, save: Callable[[], Path], accelerator: Accelerator, *to_close: Any):
-        self.save, self.accelerator, self.to_close = save, accelerator, to_close
-        self.requested = False
-        self._previous: Any = None
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.accelerator.print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again: stop now)")
-
-    def __enter__(self) -> "StopAtStepEnd":
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread: Ctrl-C then stops at once
-            self._previous = None
-        return self
-
-    def check(self) -> None:
-        requested = self.requested
-        if self.accelerator.num_processes > 1:
-            flag = torch.tensor([float(requested)], device=self.accelerator.device)
-            requested = bool(self.accelerator.reduce(flag, reduction="sum").item())
-        if requested:
-            for obj in self.to_close:
-                obj.close()
-            path = self.save()
-            self.accelerator.print(f"stopped: checkpoint {path}; continue with --resume auto (same output dir)")
-            raise KeyboardInterrupt
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-def resume_from(cfg: TrainConfig, output_dir: Path, accelerator: Accelerator, model, optimizer, scheduler
-                ) -> tuple[Path | None, dict]:
-    """Load the checkpoint named by ``cfg.resume`` (or the latest, for 'auto') into the training state; returns
-    its path and trainer state ({} when there is nothing to resume)."""
-    ckpt_path = find_checkpoint(cfg.resume, output_dir) if cfg.resume else None
-    if ckpt_path is None:
-        return None, {}
-    return ckpt_path, Checkpointer.load(ckpt_path, accelerator, model, optimizer, scheduler)
-
-
-def end_of_step(cfg: TrainConfig, step: int, total_steps: int, run_eval: Callable[[], dict] | None,
-                log: "MetricsLog", save_now: Callable[[], Path], stop: StopAtStepEnd) -> dict | None:
-    """At an optimizer-step boundary: evaluate and checkpoint when due, then honour a Ctrl-C. Returns the eval
-    row if one ran."""
-    row = None
-    if run_eval is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-        row = run_eval()
-        log.write(row)
-    if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-        save_now()
-    stop.check()
-    return row
-
-
 def write_summary(output_dir: Path, *, steps: int, total_steps: int, resumed_from: int | None, seconds: float,
                   train_row: dict, eval_row: dict | None, main_process: bool = True) -> dict[str, Any]:
     summary = {"steps": steps, "total_steps": total_steps, "resumed_from": resumed_from,
                "seconds": round(seconds, 2), "train": train_row, "eval": eval_row, "output_dir": str(output_dir)}
     if main_process:
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_atomic(output_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -349,9 +205,8 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step is not None and self.path.is_file():  # drop rows logged after the checkpoint
-            rows = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(r + "\n" for r in rows))
+            rows = [line for line in self.path.read_text().splitlines() if self._row_step(line) <= resume_step]
+            write_atomic(self.path, "".join(r + "\n" for r in rows))
         elif resume_step is None and self.path.is_file():
             self.path.unlink()
         if tensorboard:
@@ -362,11 +217,19 @@ class MetricsLog:
                                   "pip install 'prefopt[tensorboard]'") from e
             self.tb = SummaryWriter(str(output_dir / "tensorboard"))
 
+    @staticmethod
+    def _row_step(line: str) -> float:
+        """The step of a row; a blank or torn line (the process was killed while appending it) counts as after
+        every step, so a resume drops it."""
+        try:
+            return json.loads(line).get("step", 0) if line.strip() else math.inf
+        except ValueError:
+            return math.inf
+
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(row, self.path)
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -375,27 +238,270 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
+
+
+class RunLog:
+    """What a run shows and records: the progress bar, ``metrics.jsonl``, the logging window and the last rows.
+
+    Each optimizer-step boundary hands ``step_done`` the step's numbers; every ``log_every`` steps (and at the
+    last) the window becomes one row. Two kinds of numbers: ``sums`` (per-example sums, averaged over the
+    examples of the window: losses, rewards, throughput) and ``scalars`` (one value per step: averaged over the
+    steps of the window), with ``last`` values (learning rate, gradient norm) taken from the window's last step.
+    """
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, output_dir: Path, *, total_steps: int,
+                 start_step: int, resumed: bool, unit: str, summary_keys: Sequence[str], desc: str = "train",
+                 bar_unit: str = "step"):
+        self.cfg, self.unit, self.summary_keys = cfg, unit, tuple(summary_keys)
+        self.metrics = MetricsLog(output_dir, accelerator.is_main_process, cfg.tensorboard,
+                                  start_step if resumed else None)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit=bar_unit, dynamic_ncols=True,
+                        disable=not (cfg.progress and accelerator.is_local_main_process))
+        self.total_steps = total_steps
+        self.window, self.window_scalars = MetricSums(), []
+        self.last_row: dict[str, Any] = {}
+        self.last_eval: dict[str, Any] | None = None
+        self.extra: dict[str, Any] = {}
+        """Values every row carries as they stand at the row's step (e.g. ``nonfinite_skips``)."""
+        self.started = time.perf_counter()
+
+    def step_done(self, step: int, epoch: int, *, sums: MetricSums | None = None,
+                  scalars: dict[str, float] | None = None, last: dict[str, Any] | None = None) -> dict | None:
+        """Add one finished optimizer step; returns the row when one was written."""
+        if sums is not None:
+            self.window.merge(sums)
+        if scalars:
+            self.window_scalars.append(scalars)
+        row = None
+        if step % self.cfg.log_every == 0 or step == self.total_steps:
+            row = {"step": step, "epoch": epoch}
+            if self.window_scalars:
+                n = len(self.window_scalars)
+                row.update({k: sum(s[k] for s in self.window_scalars) / n for k in self.window_scalars[0]})
+            row.update(self.window.means(self.unit))
+            row.update({k: float(v) for k, v in (last or {}).items()})
+            row.update(self.extra)
+            self.metrics.write(row)
+            self.last_row = row
+            self.window, self.window_scalars = MetricSums(), []
+            rate = row.get(f"{self.unit}_per_second", 0)
+            self.bar.set_postfix({k.split("/")[-1]: f"{row[k]:.4g}" for k in self.summary_keys if k in row}
+                                 | {f"{self.unit}/s": f"{rate:.3g}"}, refresh=False)
+        self.bar.update(1)
+        return row
+
+    def eval_row(self, row: dict[str, Any]) -> None:
+        self.metrics.write(row)
+        self.last_eval = row
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The loop
+# A run: the parts every method's loop shares
+
+
+class NonFiniteError(PrefoptError):
+    """A NaN or Inf loss or gradient norm stopped the run before its optimizer step (the CLI exits 2)."""
+
+
+def _test_nan_step() -> int | None:
+    """TEST HOOK, not for normal use: ``PREFOPT_TEST_NAN_AT_STEP=k`` makes the loss of (1-based) step k NaN."""
+    hook = os.environ.get("PREFOPT_TEST_NAN_AT_STEP")
+    return int(hook) if hook else None
+
+
+class Run:
+    """One training run's shared state and its step-boundary work; every method's loop is built on it.
+
+    ``start_run`` builds the optimizer and schedule, prepares them with ``accelerate``, resumes from a checkpoint
+    and opens the log. A method's loop then does its own forward/backward work and calls ``optimizer_step`` (clip,
+    check for non-finite values, step, schedule), ``log.step_done`` and ``end_of_step`` (eval and checkpoint when
+    due, a stop on SIGINT/SIGTERM), all inside ``with run.stop_on_interrupt():``, and ends with ``finish`` (final
+    eval, final model, summary). So logging, checkpoints and resume are written once, for DPO, SFT, RM and PPO.
+    """
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: Any, params: list[torch.nn.Parameter], *,
+                 total_steps: int, checkpoint_state: Callable[[int], dict], unit: str, summary_keys: Sequence[str],
+                 desc: str, bar_unit: str):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.model, self.optimizer, self.scheduler, self.params = model, optimizer, scheduler, params
+        self.output_dir = Path(cfg.output_dir)
+        self.total_steps, self.summary_keys = total_steps, tuple(summary_keys)
+        self._checkpoint_state = checkpoint_state
+        self._check_output_dir()
+        self.checkpointer = Checkpointer(self.output_dir, cfg.keep_checkpoints)
+        self.resumed_from, self.state = resume_from(cfg, self.output_dir, accelerator, model, optimizer, scheduler)
+        self.start_step = self.step = self.state.get("step", 0)
+        self.nonfinite_skips = self.state.get("nonfinite_skips", 0)
+        self.nonfinite_in_a_row = self.state.get("nonfinite_in_a_row", 0)
+        if self.resumed_from is not None and (self.output_dir / "config.yaml").is_file():
+            diff = config_differences(cfg, self.output_dir / "config.yaml")
+            if diff:
+                accelerator.print("warning: resuming with options that differ from the run's config.yaml: "
+                                  + "; ".join(diff))
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.yaml")
+        self.log = RunLog(cfg, accelerator, self.output_dir, total_steps=total_steps, start_step=self.start_step,
+                          resumed=self.resumed_from is not None, unit=unit, summary_keys=summary_keys, desc=desc,
+                          bar_unit=bar_unit)
+        if cfg.on_nonfinite == "skip":
+            self.log.extra["nonfinite_skips"] = self.nonfinite_skips
+        self._stop = StopOnSignal(self.save_checkpoint, accelerator, self.log)
+        if self.resumed_from is not None:
+            accelerator.print(f"resumed from {self.resumed_from} at step {self.start_step}/{total_steps}")
+
+    def _check_output_dir(self) -> None:
+        """A new run (no resume) never mixes with another run's checkpoints or final model: it stops before
+        writing anything, or with ``overwrite`` first clears what that run wrote."""
+        refuse_used_output_dir(self.cfg)
+        if self.cfg.resume or previous_run(self.output_dir) is None:
+            return
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            removed = clear_previous_run(self.output_dir)
+            self.accelerator.print(f"overwrite: removed {', '.join(removed)} from {self.output_dir}")
+        self.accelerator.wait_for_everyone()
+
+    def optimizer_step(self, blame: Callable[[], str] | None = None) -> tuple[Tensor, float]:
+        """Clip the accumulated gradients, check them, step the optimizer and the schedule, clear the gradients.
+
+        A non-finite gradient norm (a NaN or Inf loss makes one too) raises ``NonFiniteError`` before the
+        optimizer step, or with ``on_nonfinite: skip`` skips the step (gradients cleared, optimizer and schedule
+        untouched). ``blame()`` (called only then) names the data of the step, e.g. its examples' sources.
+        Returns (the global gradient norm before clipping, as a tensor; the learning rate this step used)."""
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+        lr = self.scheduler.get_last_lr()[0]
+        if not bool(torch.isfinite(grad_norm)):  # the one host synchronisation of the check
+            self._nonfinite(float(grad_norm), blame)
+        else:
+            self.nonfinite_in_a_row = 0
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, lr
+
+    def _nonfinite(self, value: float, blame: Callable[[], str] | None) -> None:
+        step = self.step + 1
+        where = blame() if blame is not None else f"the data of step {step}"
+        what = f"step {step}: the gradient norm is {value} (a NaN or Inf loss or gradient); data: {where}"
+        if self.cfg.on_nonfinite == "skip":
+            self.nonfinite_skips += 1
+            self.nonfinite_in_a_row += 1
+            self.log.extra["nonfinite_skips"] = self.nonfinite_skips
+            if self.nonfinite_in_a_row <= self.cfg.max_nonfinite_skips:
+                self.accelerator.print(f"warning: {what}: optimizer step skipped "
+                                       f"({self.nonfinite_skips} skipped so far)", flush=True)
+                return
+            what += f"; {self.nonfinite_in_a_row} optimizer steps in a row were non-finite " \
+                    f"(max_nonfinite_skips = {self.cfg.max_nonfinite_skips})"
+        self.optimizer.zero_grad(set_to_none=True)
+        self.log.close()
+        ckpts = step_dirs(self.output_dir)
+        last = f"The last checkpoint, {ckpts[-1]}, is intact (continue with --resume auto)" if ckpts \
+            else "No checkpoint was written"
+        hint = "" if self.cfg.on_nonfinite == "skip" else "; --on-nonfinite skip skips such steps instead"
+        raise NonFiniteError(f"stopped before the optimizer step: {what}. {last}{hint}.")
+
+    def save_checkpoint(self) -> Path:
+        """A resumable checkpoint at the current step boundary (model, optimizer, schedule, RNG, method state)."""
+        return self.checkpointer.save(self.step, self.accelerator, self.model, self.optimizer, self.scheduler,
+                                      {"total_steps": self.total_steps, "nonfinite_skips": self.nonfinite_skips,
+                                       "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                                       **self._checkpoint_state(self.step)})
+
+    def stop_on_interrupt(self) -> StopOnSignal:
+        """The context the step loop runs in: SIGINT/SIGTERM stop at the next step boundary with a checkpoint."""
+        return self._stop
+
+    def end_of_step(self, run_eval: Callable[[], dict] | None) -> None:
+        """At an optimizer-step boundary: evaluate and checkpoint when due, then honour a stop signal."""
+        cfg, step = self.cfg, self.step
+        if run_eval is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
+            self.log.eval_row(run_eval())
+        if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
+            self.save_checkpoint()
+        self._stop.check()
+
+    def _save_final(self, save_final: Callable[[Path], None] | None) -> None:
+        def write(folder: Path) -> None:
+            if save_final is not None:
+                save_final(folder)
+            else:
+                with quiet_progress_bars():
+                    self.accelerator.unwrap_model(self.model).save_pretrained(folder, safe_serialization=True)
+
+        save_final_model(self.output_dir, self.step, write)
+
+    def finish(self, run_eval: Callable[[], dict] | None, save_final: Callable[[Path], None] | None = None
+               ) -> dict[str, Any]:
+        """The final evaluation, the final model (``save_final(folder)`` on the main process, default
+        ``save_pretrained``; written atomically, see ``_save_final``), ``summary.json``; prints the summary and
+        returns it."""
+        self.log.bar.close()
+        if run_eval is not None:
+            self.log.eval_row(run_eval())
+        self.log.close()
+        elapsed = time.perf_counter() - self.log.started
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self._save_final(save_final)
+        summary = write_summary(self.output_dir, steps=self.step, total_steps=self.total_steps,
+                                resumed_from=self.start_step if self.resumed_from else None, seconds=elapsed,
+                                train_row=self.log.last_row, eval_row=self.log.last_eval,
+                                main_process=accelerator.is_main_process)
+        if self.cfg.on_nonfinite == "skip":
+            if self.nonfinite_skips:
+                accelerator.print(f"{self.nonfinite_skips} optimizer step(s) skipped for non-finite values")
+        accelerator.wait_for_everyone()
+        accelerator.print(format_summary(summary, self.summary_keys))
+        return summary
+
+
+def start_run(cfg: TrainConfig, model: torch.nn.Module, accelerator: Accelerator, *, total_steps: int, unit: str,
+              summary_keys: Sequence[str] = ("loss",), checkpoint_state: Callable[[int], dict] = lambda step: {},
+              desc: str = "train", bar_unit: str = "step") -> Run:
+    """Optimizer and schedule over the trainable parameters, both prepared by ``accelerate``, the resumed state
+    (``run.state``: the checkpoint's trainer state, {} on a fresh start) and the log.
+
+    ``checkpoint_state(step)`` adds a method's own state to each checkpoint's ``trainer_state.json`` (read back
+    from ``run.state`` on resume)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters.")
+    optimizer = build_optimizer(cfg, params)
+    scheduler = build_scheduler(cfg, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return Run(cfg, accelerator, model, optimizer, scheduler, params, total_steps=total_steps,
+               checkpoint_state=checkpoint_state, unit=unit, summary_keys=summary_keys, desc=desc, bar_unit=bar_unit)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop of the per-example methods (DPO and its family, SFT, RM)
 
 
 def evaluate(model, method: Method, items: Sequence[Any], collate: Callable[[Sequence[Any]], dict],
              micro_batch_size: int, accelerator: Accelerator, desc: str = "eval") -> MetricSums:
     """Run the method's step without gradients over every eval example (sharded across processes)."""
     model = accelerator.unwrap_model(model)  # no DDP collectives: shards may differ in size (or be empty)
-    was_training = model.training
-    model.eval()
     sums = MetricSums()
     mine = list(range(accelerator.process_index, len(items), accelerator.num_processes))
-    with torch.no_grad():
+    with evaluating(model), torch.no_grad():
         for chunk in micro_batches(mine, micro_batch_size):
             batch = to_device(collate([items[i] for i in chunk]), accelerator.device)
             with accelerator.autocast():
                 sums.add(method.step(model, batch))
-    model.train(was_training)
-    return sums.reduce(accelerator)
+    return sums.reduce(accelerator, keys_may_differ=True)
 
 
 def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_items: Sequence[Any],
@@ -404,7 +510,6 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_ite
           summary_keys: Sequence[str] = ("loss",)) -> dict[str, Any]:
     """Train ``model`` with ``method`` on ``train_items``; returns a summary dict (also in summary.json)."""
     accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
-    output_dir = Path(cfg.output_dir)
     world = accelerator.num_processes
     per_process = cfg.batch_size // world
     if cfg.batch_size % (cfg.micro_batch_size * world):
@@ -412,103 +517,62 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_ite
                           f"({cfg.micro_batch_size}) x processes ({world}).")
     schedule = BatchSchedule(len(train_items), cfg.batch_size, cfg.seed)
     total_steps = cfg.max_steps or cfg.epochs * schedule.steps_per_epoch
+    run = start_run(cfg, model, accelerator, total_steps=total_steps, unit=method.unit, summary_keys=summary_keys,
+                    checkpoint_state=lambda step: {"epoch": schedule.epoch_of(step), "seed": cfg.seed})
+    model = run.model
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("the model has no trainable parameters.")
-    optimizer = build_optimizer(cfg, params)
-    scheduler = build_scheduler(cfg, optimizer)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    def run_eval() -> dict:
+        return {"step": run.step, **evaluate(model, method, eval_items, collate, cfg.micro_batch_size,
+                                             accelerator).means(method.unit, prefix="eval/")}
 
-    ckpt_path, state = resume_from(cfg, output_dir, accelerator, model, optimizer, scheduler)
-    start_step = state.get("step", 0)
-    checkpointer = Checkpointer(output_dir, cfg.keep_checkpoints)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
-    log = MetricsLog(output_dir, accelerator.is_main_process, cfg.tensorboard,
-                     start_step if ckpt_path is not None else None)
-    if ckpt_path is not None:
-        accelerator.print(f"resumed from {ckpt_path} at step {start_step}/{total_steps}")
-
-    unit = method.unit
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not (cfg.progress and accelerator.is_local_main_process))
-    window, last_eval, last_row = MetricSums(), None, {}
-    started = time.perf_counter()
-    step = start_step
-
-    def checkpoint_state() -> dict:
-        return {"total_steps": total_steps, "epoch": schedule.epoch_of(step), "seed": cfg.seed}
-
-    def run_eval_now() -> dict:
-        return {"step": step, **evaluate(model, method, eval_items, collate, cfg.micro_batch_size,
-                                         accelerator).means(unit, prefix="eval/")}
-
-    run_eval = run_eval_now if eval_items else None
+    nan_step = _test_nan_step()
     model.train()
-    save_now = lambda: checkpointer.save(step, accelerator, model, optimizer, scheduler, checkpoint_state())  # noqa: E731
-    with StopAtStepEnd(save_now, accelerator, bar, log) as stop:
-        while step < total_steps:
+    with run.stop_on_interrupt():
+        while run.step < total_steps:
             t0 = time.perf_counter()
-            global_idx = schedule.indices(step)
-            mine = global_idx[accelerator.process_index * per_process:(accelerator.process_index + 1) * per_process]
-            chunks = micro_batches(mine, cfg.micro_batch_size)
+            global_idx = schedule.indices(run.step)
+            rank = accelerator.process_index
+            chunks = micro_batches(global_idx[rank * per_process:(rank + 1) * per_process], cfg.micro_batch_size)
             step_sums = MetricSums()
+            loss_sums: list[Tensor] = []  # per micro-batch, on the device: read back only to name a bad one
             for i, chunk in enumerate(chunks):
                 batch = to_device(collate([train_items[j] for j in chunk]), accelerator.device)
                 sync = contextlib.nullcontext() if i == len(chunks) - 1 else accelerator.no_sync(model)
                 with sync:
                     with accelerator.autocast():
                         result = method.step(model, batch)
+                    if nan_step == run.step + 1 and i == 0:  # the PREFOPT_TEST_NAN_AT_STEP test hook
+                        result.losses = result.losses * float("nan")
                     accelerator.backward(result.losses.sum() * (world / cfg.batch_size))
                 step_sums.add(result)
-            if cfg.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            else:
-                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+                loss_sums.append(result.losses.detach().float().sum())
+            grad_norm, lr = run.optimizer_step(
+                blame=lambda: _blame_micro_batches(loss_sums, chunks, train_items, rank, world))
+            run.step += 1
             step_sums.seconds = time.perf_counter() - t0
+            run.log.step_done(run.step, schedule.epoch_of(run.step - 1), sums=step_sums.reduce(accelerator),
+                              last={"lr": lr, "grad_norm": grad_norm})
+            run.end_of_step(run_eval if eval_items else None)
+    return run.finish(run_eval if eval_items else None, save_final)
 
-            reduced = step_sums.reduce(accelerator)
-            for k, v in reduced.sums.items():
-                window.sums[k] = window.sums.get(k, 0.0) + v
-            window.examples += reduced.examples
-            window.tokens += reduced.tokens
-            window.seconds += reduced.seconds
-            if step % cfg.log_every == 0 or step == total_steps:
-                row = {"step": step, "epoch": schedule.epoch_of(step - 1), **window.means(unit),
-                       "lr": lr, "grad_norm": float(grad_norm)}
-                log.write(row)
-                last_row = row
-                window = MetricSums()
-                bar.set_postfix({k.split("/")[-1]: f"{row[k]:.4g}" for k in summary_keys if k in row}
-                                | {f"{unit}/s": f"{row.get(f'{unit}_per_second', 0):.3g}"}, refresh=False)
-            bar.update(1)
 
-            last_eval = end_of_step(cfg, step, total_steps, run_eval, log, save_now, stop) or last_eval
-    bar.close()
+def _sources(items: Sequence[Any], indices: Sequence[int], limit: int = 8) -> str:
+    names = [getattr(items[j], "source", None) or f"example #{j}" for j in indices]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
-    if run_eval is not None:
-        last_eval = run_eval()
-        log.write(last_eval)
-    log.close()
-    elapsed = time.perf_counter() - started
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if save_final is not None:
-            save_final(output_dir)
-        else:
-            accelerator.unwrap_model(model).save_pretrained(output_dir, safe_serialization=True)
-    summary = write_summary(output_dir, steps=step, total_steps=total_steps,
-                            resumed_from=start_step if ckpt_path else None, seconds=elapsed, train_row=last_row,
-                            eval_row=last_eval, main_process=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
-    return summary
+
+def _blame_micro_batches(loss_sums: Sequence[Tensor], chunks: Sequence[Sequence[int]], items: Sequence[Any],
+                         rank: int, world: int) -> str:
+    """The step's first micro-batch with a non-finite loss, with its examples' sources (file:line)."""
+    values = torch.stack(loss_sums).tolist()
+    where = f" on process {rank}" if world > 1 else ""
+    for i, (v, chunk) in enumerate(zip(values, chunks)):
+        if not math.isfinite(v):
+            return (f"micro-batch {i + 1}/{len(chunks)}{where} has loss sum {v}; its examples: "
+                    f"{_sources(items, chunk)}")
+    every = [j for chunk in chunks for j in chunk]
+    return f"the losses{where} are finite, the gradient is not; the step's examples: {_sources(items, every)}"
 
 
 def format_summary(summary: dict[str, Any], keys: Sequence[str]) -> str:
@@ -524,5 +588,7 @@ def format_summary(summary: dict[str, Any], keys: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["StepResult", "Method", "BatchSchedule", "StopAtStepEnd", "train", "evaluate", "format_summary", "MetricSums",
-           "Checkpointer", "find_checkpoint", "load_model_weights", "build_optimizer", "build_scheduler"]
+__all__ = ["StepResult", "Method", "BatchSchedule", "StopAtStepEnd", "StopOnSignal", "StopRequested",
+           "NonFiniteError", "verify_checkpoint", "previous_run", "clear_previous_run", "Run", "RunLog", "start_run",
+           "train", "evaluate", "format_summary", "MetricSums", "Checkpointer", "find_checkpoint", "load_model_weights", "build_optimizer",
+           "build_scheduler"]

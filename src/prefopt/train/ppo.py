@@ -14,9 +14,11 @@ copy of the initial policy (with LoRA: the policy with its adapters disabled). T
 ``save_pretrained`` (plain transformers loads it) and the value head beside it in
 ``value_head/value_head.safetensors``.
 
-Reuses the shared loop's pieces (``build_optimizer``, ``build_scheduler``, ``MetricsLog``, ``Checkpointer``,
-``MetricSums``, ``micro_batches``, ``to_device``, ``format_summary``); only the outer loop (rollout, then several
-epochs of minibatch updates) is PPO's own. Runs on a single process.
+Rollouts are sampled by ``prefopt.generation.sample_ids``, the sampler ``prefopt generate`` uses: an exact draw from
+softmax(logits / T) whatever the model's own generation_config says, ending at any of the model's end tokens, and
+seeded by (seed, iteration) so a resumed run samples what an uninterrupted one would. The run is the shared
+loop's (``train.loop.start_run``: optimizer, schedule, resume, log, checkpoints, Ctrl-C, final save and summary);
+only the outer loop (rollout, then several epochs of minibatch updates) is PPO's own. Runs on a single process.
 """
 
 from __future__ import annotations
@@ -33,22 +35,19 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .. import rl
-from ..config import PPOConfig, save_config
-from ..data import detect_format, iter_rows, to_example
-from ..data.tokenize import SpecialTokens, encode_prompt
-from ..data.formats import text_field
+from ..config import PPOConfig
+from ..data.prompts import encode_prompts, read_prompts
 from ..data.types import Text
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
+from ..generation import end_token_ids, row_seed, sample_ids
 from ..logprobs import token_logps
-from ..models import load_tokenizer, reference_mode
+from ..models import evaluating, load_tokenizer, reference_mode
 from ..rewards import RewardFn, call_reward_fn, load_reward_fn, reward_model_fn
-from .loop import (BatchSchedule, Checkpointer, MetricSums, MetricsLog, StepResult, build_optimizer, build_scheduler,
-                   StopAtStepEnd, end_of_step, resume_from, format_summary, load_model_weights, micro_batches,
-                   to_device, write_summary)
-from .setup import load_policy, save_model_and_tokenizer
+from .checkpoints import load_model_weights, refuse_used_output_dir
+from .loop import BatchSchedule, MetricSums, StepResult, micro_batches, start_run, to_device
+from .setup import load_policy, resolve_length_limits, save_model_and_tokenizer
 
 VALUE_HEAD_DIR = "value_head"
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -114,59 +113,6 @@ def load_value_head(directory: str | Path) -> nn.Linear:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Prompts
-
-
-def load_prompts(path: str, split: str | None = None) -> list[Text]:
-    """Prompts from a .txt file (one a line), rows with a ``prompt`` field (a string or messages), SFT rows
-    of ``messages`` (everything before the last assistant message), or any preference format (its prompts).
-    Repeated prompts (e.g. several pairs per prompt) are kept once, in first-seen order."""
-    p = Path(path).expanduser()
-    if p.suffix.lower() == ".txt":
-        if not p.is_file():
-            raise DataError("file not found", source=str(p), reason="not_found")
-        prompts: list[Text] = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    else:
-        prompts, fmt = [], None
-        for row, source in iter_rows(path, split):
-            if "prompt" in row:
-                prompts.append(text_field(row, "prompt", source))
-            elif "messages" in row:
-                msgs = text_field(row, "messages", source)
-                last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
-                if last == 0:
-                    raise DataError("has no message before the first assistant message", source=source,
-                                    field="messages", reason="missing_field")
-                prompts.append(msgs[:last])
-            else:
-                fmt = fmt or detect_format(row, source)
-                prompts.append(to_example(row, source, fmt).prompt)
-    seen, unique = set(), []
-    for pr in prompts:
-        key = json.dumps(pr, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            unique.append(pr)
-    if not unique:
-        raise DataError("no prompts in file", source=str(path), reason="empty_file")
-    return unique
-
-
-def encode_prompts(prompts: Sequence[Text], tokenizer: Any, max_prompt_length: int) -> list[list[int]]:
-    """Prompt token ids exactly as DPO's tokenizer makes them (BOS once, chat template for messages), cut to
-    the last ``max_prompt_length`` tokens (BOS kept), as DPO truncates prompts."""
-    sp = SpecialTokens.of(tokenizer)
-    out = []
-    for pr in prompts:
-        ids = encode_prompt(pr, tokenizer, sp)
-        if len(ids) > max_prompt_length:
-            keep = 1 if sp.bos_id is not None and ids[:1] == [sp.bos_id] else 0
-            ids = ids[:keep] + ids[len(ids) - max_prompt_length + keep:]
-        out.append(ids)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Rollouts
 
 
@@ -183,36 +129,6 @@ class Rollout:
     score: float = 0.0
     advantages: Tensor | None = None
     returns: Tensor | None = None
-
-
-def sample_responses(model: nn.Module, prompt_ids: Sequence[list[int]], *, pad_token_id: int, eos_token_id: int,
-                     max_new_tokens: int, temperature: float) -> list[list[int]]:
-    """Pure ancestral sampling (temperature only, no top-k/top-p) with HF generate, left padding, KV cache.
-
-    Returns the generated token ids of each prompt, up to and including the first EOS (no padding).
-    """
-    from transformers import GenerationConfig
-
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompt_ids):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    gen_cfg = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                               max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
-                               use_cache=True)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
-    model.train(was_training)
-    responses = []
-    for row in out[:, width:].tolist():
-        cut = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
-        responses.append(row[:cut])
-    return responses
 
 
 def collate_rollouts(items: Sequence[Rollout], pad_token_id: int) -> dict:
@@ -299,22 +215,21 @@ class RolloutMaker:
                  reward_fn: RewardFn, device: torch.device):
         self.cfg, self.model, self.reference, self.tokenizer = cfg, model, reference, tokenizer
         self.reward_fn, self.device = reward_fn, device
+        self.eos_ids = end_token_ids(model.policy, tokenizer)  # every end-of-turn token the model knows
 
-    def __call__(self, prompts: Sequence[Text], prompt_ids: Sequence[list[int]],
+    def __call__(self, prompts: Sequence[Text], prompt_ids: Sequence[list[int]], seed: int,
                  autocast: Callable[[], Any]) -> list[Rollout]:
+        """Rollouts for these prompts; ``seed`` (with each prompt's index) seeds its response's draws."""
         cfg, tok = self.cfg, self.tokenizer
-        responses: list[list[int]] = []
-        for chunk in micro_batches(list(range(len(prompt_ids))), cfg.batch_size):
-            with autocast():
-                responses += sample_responses(self.model.policy, [prompt_ids[i] for i in chunk],
-                                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+        with autocast():
+            responses = sample_ids(self.model.policy, prompt_ids, [row_seed(seed, i, 0) for i in range(len(prompt_ids))],
+                                   eos_ids=self.eos_ids, pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
+                                   temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                   batch_size=cfg.batch_size)
         rollouts = [Rollout(p, r) for p, r in zip(prompt_ids, responses)]
         texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
         scores = torch.tensor(call_reward_fn(self.reward_fn, list(prompts), texts), dtype=torch.float32)
-        was_training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
+        with evaluating(self.model), torch.no_grad():
             for chunk in micro_batches(rollouts, cfg.micro_batch_size):
                 batch = to_device(collate_rollouts(chunk, tok.pad_token_id), self.device)
                 with autocast():
@@ -325,7 +240,6 @@ class RolloutMaker:
                     n = len(r.response_ids)
                     r.logps, r.values = logps[i, :n].float().cpu(), values[i, :n].float().cpu()
                     r.ref_logps, r.entropy = ref[i, :n].float().cpu(), entropy[i, :n].cpu()
-        self.model.train(was_training)
         for r, s in zip(rollouts, scores.tolist()):
             r.score = s
         return rollouts
@@ -402,20 +316,21 @@ def train_ppo(cfg: PPOConfig, accelerator: Accelerator | None = None, *,
         raise ConfigError("prefopt ppo runs on a single process for now; launch it without accelerate/torchrun.")
     set_seed(cfg.seed)
     device = accelerator.device
-    output_dir = Path(cfg.output_dir)
     if reward_fn is None and cfg.reward_fn:  # a bad reward spec fails before anything heavy is loaded
         reward_fn = load_reward_fn(cfg.reward_fn)
 
+    refuse_used_output_dir(cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    prompts = load_prompts(cfg.data, cfg.split)
+    prompts = read_prompts(cfg.data, cfg.split, unique=True)
     eval_prompts: list[Text] = []
     if cfg.eval_data:
-        eval_prompts = load_prompts(cfg.eval_data, cfg.split)
+        eval_prompts = read_prompts(cfg.eval_data, cfg.split, unique=True)
     elif cfg.eval_fraction > 0:
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         n_eval = max(1, round(cfg.eval_fraction * len(prompts)))
         eval_prompts = [prompts[i] for i in sorted(order[:n_eval])]
         prompts = [prompts[i] for i in sorted(order[n_eval:])]
+    resolve_length_limits(cfg, accelerator.print)
     prompt_ids = encode_prompts(prompts, tokenizer, cfg.max_prompt_length)
     eval_ids = encode_prompts(eval_prompts, tokenizer, cfg.max_prompt_length)
     accelerator.print(f"prompts: {len(prompts)} for training, {len(eval_prompts)} for evaluation")
@@ -432,54 +347,34 @@ def train_ppo(cfg: PPOConfig, accelerator: Accelerator | None = None, *,
     model = PolicyWithValueHead(lm).to(device)
     if reference is not None:
         reference = reference.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg, params)
-    scheduler = build_scheduler(cfg, optimizer)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    core: PolicyWithValueHead = accelerator.unwrap_model(model)
     kl_ctl: rl.KLController = (rl.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
                                if cfg.adaptive_kl else rl.FixedKLController(cfg.kl_coef))
-
-    ckpt_path, state = resume_from(cfg, output_dir, accelerator, model, optimizer, scheduler)
-    start_step = state.get("step", 0)
-    if state:
-        kl_ctl.load_state_dict(state["kl_controller"])
-    checkpointer = Checkpointer(output_dir, cfg.keep_checkpoints)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, output_dir / "config.yaml")
-    log = MetricsLog(output_dir, True, cfg.tensorboard, start_step if ckpt_path is not None else None)
-    if ckpt_path is not None:
-        accelerator.print(f"resumed from {ckpt_path} at step {start_step}/{total_steps}")
-
+    run = start_run(cfg, model, accelerator, total_steps=total_steps, unit=PPOStep.unit,
+                    summary_keys=PPO_SUMMARY_KEYS, desc="ppo", bar_unit="iter",
+                    checkpoint_state=lambda step: {"epoch": schedule.epoch_of(step), "seed": cfg.seed,
+                                                   "kl_controller": kl_ctl.state_dict()})
+    if run.state:
+        kl_ctl.load_state_dict(run.state["kl_controller"])
+    model = run.model
+    core: PolicyWithValueHead = accelerator.unwrap_model(model)
     make_rollouts = RolloutMaker(cfg, core, _reference_fn(cfg, core, reference), tokenizer, reward_fn, device)
     method = PPOStep(cfg.cliprange, cfg.cliprange_value, cfg.vf_coef, cfg.temperature)
-    bar = tqdm(total=total_steps, initial=start_step, desc="ppo", unit="iter", dynamic_ncols=True,
-               disable=not cfg.progress)
-    window: list[dict[str, float]] = []
-    last_row: dict[str, Any] = {}
-    last_eval: dict[str, Any] | None = None
-    started = time.perf_counter()
-    step = start_step
-
-    def checkpoint_state() -> dict:
-        return {"total_steps": total_steps, "epoch": schedule.epoch_of(step), "seed": cfg.seed,
-                "kl_controller": kl_ctl.state_dict()}
 
     def evaluate() -> dict[str, Any]:
         rollouts = []
         for chunk in micro_batches(list(range(len(eval_ids))), cfg.rollout_batch_size):
             rollouts += make_rollouts([eval_prompts[i] for i in chunk], [eval_ids[i] for i in chunk],
-                                      accelerator.autocast)
+                                      _rollout_seed(cfg.seed, run.step, "eval", chunk[0]), accelerator.autocast)
         stats = compute_advantages(rollouts, kl_ctl.value, cfg.gamma, cfg.lam, False)
-        return {"step": step, **{f"eval/{k}": stats[k] for k in ("reward", "kl", "entropy", "response_length")}}
+        return {"step": run.step, **{f"eval/{k}": stats[k] for k in ("reward", "kl", "entropy", "response_length")}}
 
     model.train()
-    save_now = lambda: checkpointer.save(step, accelerator, model, optimizer, scheduler, checkpoint_state())  # noqa: E731
-    with StopAtStepEnd(save_now, accelerator, bar, log) as stop:
-        while step < total_steps:
+    with run.stop_on_interrupt():
+        while run.step < total_steps:
             t0 = time.perf_counter()
-            idx = schedule.indices(step)
-            rollouts = make_rollouts([prompts[i] for i in idx], [prompt_ids[i] for i in idx], accelerator.autocast)
+            idx = schedule.indices(run.step)
+            rollouts = make_rollouts([prompts[i] for i in idx], [prompt_ids[i] for i in idx],
+                                     _rollout_seed(cfg.seed, run.step, "train"), accelerator.autocast)
             kl_coef = kl_ctl.value
             stats = compute_advantages(rollouts, kl_coef, cfg.gamma, cfg.lam, cfg.whiten_advantages)
             t_rollout = time.perf_counter() - t0
@@ -487,7 +382,7 @@ def train_ppo(cfg: PPOConfig, accelerator: Accelerator | None = None, *,
             sums = MetricSums()
             grad_norms = []
             for epoch in range(cfg.ppo_epochs):
-                order = _minibatch_order(cfg.seed, step, epoch, len(rollouts))
+                order = _minibatch_order(cfg.seed, run.step, epoch, len(rollouts))
                 for minibatch in micro_batches(order, cfg.batch_size):
                     for chunk in micro_batches(minibatch, cfg.micro_batch_size):
                         batch = to_device(collate_rollouts([rollouts[j] for j in chunk], tokenizer.pad_token_id),
@@ -496,48 +391,31 @@ def train_ppo(cfg: PPOConfig, accelerator: Accelerator | None = None, *,
                             result = method.step(model, batch)
                         accelerator.backward(result.losses.sum() / len(minibatch))
                         sums.add(result)
-                    if cfg.max_grad_norm > 0:
-                        grad_norms.append(float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm)))
-                    else:
-                        grad_norms.append(float(torch.linalg.vector_norm(
-                            torch.stack([p.grad.norm() for p in params if p.grad is not None]))))
-                    lr = scheduler.get_last_lr()[0]
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    grad_norm, lr = run.optimizer_step(blame=lambda: f"the rollouts of iteration {run.step + 1}")
+                    grad_norms.append(float(grad_norm))
             kl_ctl.update(stats["kl"], n_steps=len(rollouts))
-            step += 1
+            run.step += 1
             seconds = time.perf_counter() - t0
-            row = {**stats, "kl_coef": kl_coef, **sums.means(method.unit), "lr": lr,
-                   "grad_norm": sum(grad_norms) / len(grad_norms), "rollout_seconds": t_rollout,
-                   "rollouts_per_second": len(rollouts) / seconds}
-            window.append(row)
-            if step % cfg.log_every == 0 or step == total_steps:
-                row = {"step": step, "epoch": schedule.epoch_of(step - 1),
-                       **{k: sum(r[k] for r in window) / len(window) for k in window[0]}}
-                log.write(row)
-                last_row, window = row, []
-                bar.set_postfix({k: f"{row[k]:.4g}" for k in PPO_SUMMARY_KEYS}, refresh=False)
-            bar.update(1)
-            last_eval = end_of_step(cfg, step, total_steps, evaluate if eval_ids else None, log, save_now,
-                                    stop) or last_eval
-    bar.close()
-    if eval_ids:
-        last_eval = evaluate()
-        log.write(last_eval)
-    log.close()
-    elapsed = time.perf_counter() - started
-    save_value_head(core.value_head, output_dir)
-    save_model_and_tokenizer(core.policy, tokenizer, output_dir)
-    (output_dir / "kl_controller.json").write_text(json.dumps(kl_ctl.state_dict()) + "\n")
-    summary = write_summary(output_dir, steps=step, total_steps=total_steps,
-                            resumed_from=start_step if ckpt_path else None, seconds=elapsed, train_row=last_row,
-                            eval_row=last_eval)
-    accelerator.print(format_summary(summary, PPO_SUMMARY_KEYS))
-    return summary
+            run.log.step_done(run.step, schedule.epoch_of(run.step - 1), scalars={
+                **stats, "kl_coef": kl_coef, **sums.means(method.unit), "lr": lr,
+                "grad_norm": sum(grad_norms) / len(grad_norms), "rollout_seconds": t_rollout,
+                "rollouts_per_second": len(rollouts) / seconds})
+            run.end_of_step(evaluate if eval_ids else None)
+
+    def save_final(output_dir: Path) -> None:
+        save_value_head(core.value_head, output_dir)
+        save_model_and_tokenizer(core.policy, tokenizer, output_dir)
+        (output_dir / "kl_controller.json").write_text(json.dumps(kl_ctl.state_dict()) + "\n")
+
+    return run.finish(evaluate if eval_ids else None, save_final)
 
 
-__all__ = ["PolicyWithValueHead", "PPOStep", "Rollout", "RolloutMaker", "RewardFn", "train_ppo", "load_prompts",
-           "encode_prompts", "load_reward_fn", "reward_model_fn", "sample_responses", "collate_rollouts",
+def _rollout_seed(seed: int, step: int, split: str, offset: int = 0) -> int:
+    """The sampling seed of one rollout batch: a function of (seed, iteration), so a resumed run samples what an
+    uninterrupted one would."""
+    return row_seed(seed, step, {"train": 0, "eval": 1}[split] * 1_000_003 + offset)
+
+
+__all__ = ["PolicyWithValueHead", "PPOStep", "Rollout", "RolloutMaker", "train_ppo", "collate_rollouts",
            "policy_forward", "compute_advantages", "save_value_head", "load_value_head", "PPO_METRIC_KEYS",
            "VALUE_HEAD_DIR", "VALUE_HEAD_FILE"]

@@ -14,12 +14,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from ..config import TrainConfig
+from ..config import TrainConfig, check_length_limits
 from ..data import load_preferences, tokenize_examples
 from ..data.types import TokenizedExample
 from ..errors import ConfigError
 from ..models import (apply_lora, disable_dropout, enable_gradient_checkpointing, load_model, load_tokenizer,
                       make_reference, quiet_progress_bars)
+from .checkpoints import refuse_used_output_dir
 
 
 @dataclass
@@ -31,19 +32,58 @@ class RunInputs:
     reference: torch.nn.Module | None = None
 
 
-def load_preference_items(cfg: TrainConfig, tokenizer: Any, accelerator: Accelerator, *, kind: str = "preferences"
-                          ) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+MAX_LENGTH_CAP = 1024
+"""The default max_length when none is given: the model's context size, but no more than this."""
+
+
+def context_size(model: str, *, trust_remote_code: bool = False) -> int | None:
+    """The longest sequence the model's config says it takes (None when it names none, e.g. ALiBi models)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model), trust_remote_code=trust_remote_code)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_length_limits(cfg: TrainConfig, say=print) -> None:
+    """Fill the length limits the user left unset, in ``cfg`` itself (so config.yaml records what ran): max_length
+    from the model's context size (capped at ``MAX_LENGTH_CAP``), max_prompt_length as half of it; says so."""
+    notes = []
+    if cfg.max_length is None:
+        ctx = context_size(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        cfg.max_length = min(ctx, MAX_LENGTH_CAP) if ctx else MAX_LENGTH_CAP
+        notes.append(f"max_length {cfg.max_length} (" + (f"the model's context size {ctx}" if ctx else
+                                                         "the model names no context size")
+                     + (f", capped at {MAX_LENGTH_CAP}" if not ctx or ctx > MAX_LENGTH_CAP else "") + ")")
+    if cfg.max_prompt_length is None:
+        cfg.max_prompt_length = max(1, cfg.max_length // 2)
+        notes.append(f"max_prompt_length {cfg.max_prompt_length} (half of max_length)")
+    check_length_limits(cfg.max_length, cfg.max_prompt_length)
+    if notes:
+        say("length limits: " + "; ".join(notes) + " (--max-length / --max-prompt-length set them)")
+
+
+def load_preference_items(cfg: TrainConfig, tokenizer: Any, accelerator: Accelerator, *, kind: str = "preferences",
+                          from_preferences: bool = False) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
     """Train and eval examples, tokenized with exact prompt/response boundaries.
 
-    kind: "preferences" (K >= 2 ranked responses) or "sft" (one target response each, see data/sft.py).
+    kind: "preferences" (K >= 2 ranked responses) or "sft" (one target response each, see data/sft.py; with
+    ``from_preferences``, the chosen responses of preference data).
     """
+
+    refuse_used_output_dir(cfg)
+    resolve_length_limits(cfg, accelerator.print)
 
     def load(path: str, what: str) -> list[TokenizedExample]:
         if kind == "sft":
             from ..data.sft import load_sft, tokenize_sft
 
             examples, report = load_sft(path, format=cfg.data_format, split=cfg.split, skip_bad=cfg.skip_bad_rows,
-                                        from_preferences=getattr(cfg, "from_preferences", False))
+                                        from_preferences=from_preferences)
             tokenize = tokenize_sft
         else:
             examples, report = load_preferences(path, format=cfg.data_format, split=cfg.split,
@@ -54,8 +94,21 @@ def load_preference_items(cfg: TrainConfig, tokenizer: Any, accelerator: Acceler
                                      max_prompt_length=cfg.max_prompt_length)
         if tok_report.truncated or tok_report.dropped:
             accelerator.print(f"{what}: {tok_report.summary()}")
+        check = report.validation  # the data validation report: reading, then tokenization drops
+        if tok_report.dropped:
+            from collections import Counter
+
+            kept = Counter(t.source for t in items)
+            for ex in examples:
+                if kept[ex.source] > 0:
+                    kept[ex.source] -= 1
+                else:
+                    check.drop("too_long", ex.source)
+        check.check()
+        if not check.clean():
+            accelerator.print(f"{what}: {check.summary()}")
         if not items:
-            raise ConfigError(f"{what}: no usable examples in {path}.")
+            raise ConfigError(f"{what}: no usable examples in {path}.\n{check.summary()}")
         return items
 
     train_items = load(cfg.data, "train data")
@@ -72,8 +125,10 @@ def load_preference_items(cfg: TrainConfig, tokenizer: Any, accelerator: Acceler
     return train_items, eval_items
 
 
-def load_policy(cfg: TrainConfig, *, with_reference: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    """The trainable model (LoRA-wrapped if asked) and, if asked, a frozen reference made before wrapping."""
+def load_policy(cfg: TrainConfig, *, with_reference: bool, ref_model: str | None = None
+                ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The trainable model (LoRA-wrapped if asked) and, if asked, a frozen reference: ``ref_model`` loaded, or a
+    copy of the policy made before wrapping."""
     if cfg.dtype != "float32" and not cfg.lora:
         warnings.warn(f"dtype={cfg.dtype} trains the weights themselves in {cfg.dtype}: updates much smaller than a "
                       "weight (e.g. at lr 1e-6) round away and most weights never change. For full fine-tuning "
@@ -83,9 +138,8 @@ def load_policy(cfg: TrainConfig, *, with_reference: bool) -> tuple[torch.nn.Mod
         disable_dropout(model)
     reference = None
     if with_reference:
-        ref_path = getattr(cfg, "ref_model", None)
-        reference = make_reference(model, ref_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code) \
-            if ref_path else make_reference(model)
+        reference = make_reference(model, ref_model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code) \
+            if ref_model else make_reference(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.lora:
@@ -94,17 +148,17 @@ def load_policy(cfg: TrainConfig, *, with_reference: bool) -> tuple[torch.nn.Mod
     return model, reference
 
 
-def load_run_inputs(cfg: TrainConfig, accelerator: Accelerator, *, kind: str = "preferences") -> RunInputs:
+def load_run_inputs(cfg: TrainConfig, accelerator: Accelerator, *, kind: str = "preferences",
+                    from_preferences: bool = False, with_reference: bool = False, ref_model: str | None = None
+                    ) -> RunInputs:
+    """Tokenizer, data (checked before any model is loaded), the policy and, when the method asks for one, a
+    frozen reference model (the method decides: see ``train.dpo.reference_source``)."""
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if kind not in ("preferences", "sft"):
         raise ValueError(f"unknown run kind {kind!r}")
-    train_items, eval_items = load_preference_items(cfg, tokenizer, accelerator, kind=kind)
-    # a separate frozen copy is needed only to run the reference live (a LoRA policy is its own reference, and
-    # precomputing reads the initial policy once before it changes)
-    own_ref = not getattr(cfg, "ref_model", None)
-    needs_ref = kind == "preferences" and not getattr(cfg, "reference_free", False) \
-        and not (own_ref and (cfg.lora or getattr(cfg, "precomputes_reference", False)))
-    model, reference = load_policy(cfg, with_reference=needs_ref)
+    train_items, eval_items = load_preference_items(cfg, tokenizer, accelerator, kind=kind,
+                                                    from_preferences=from_preferences)
+    model, reference = load_policy(cfg, with_reference=with_reference, ref_model=ref_model)
     return RunInputs(model, tokenizer, train_items, eval_items, reference)
 
 

@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from ..config import SFTConfig
 from ..data.sft import collate_sft
 from ..logprobs import forward_logps
-from .loop import StepResult, format_summary, train
+from .loop import StepResult, train
 from .setup import load_run_inputs, save_model_and_tokenizer
 
 SFT_SUMMARY_KEYS = ("loss", "nll_per_token", "ppl")
@@ -55,14 +55,13 @@ def train_sft(cfg: SFTConfig, accelerator: Accelerator | None = None) -> dict[st
     cfg.validate()
     accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
-    run = load_run_inputs(cfg, accelerator, kind="sft")
+    run = load_run_inputs(cfg, accelerator, kind="sft", from_preferences=cfg.from_preferences)
     model, tokenizer = run.model, run.tokenizer
     summary = train(cfg, model=model, method=SFT(), train_items=run.train_items,
                     collate=partial(collate_sft, pad_token_id=tokenizer.pad_token_id),
                     eval_items=run.eval_items or None, accelerator=accelerator,
                     save_final=lambda out: save_model_and_tokenizer(accelerator.unwrap_model(model), tokenizer, out),
                     summary_keys=SFT_SUMMARY_KEYS)
-    accelerator.print(format_summary(summary, SFT_SUMMARY_KEYS))
     return summary
 
 

@@ -5,7 +5,7 @@ tiny Llama-style model fine-tuned on half of it (pi_SFT), completions sampled fr
 pairs labelled best vs worst by the exact reward, DPO at two betas, and an evaluation of every policy on held-out
 prefixes: mean reward and KL(pi || pi_SFT). It ends with a short table and a plot of reward against KL.
 
-It is ``prefopt experiment sentiment`` with a small budget (see ``prefopt.experiments.sentiment``); rerunning
+It is ``prefopt experiment sentiment`` with a small budget (see ``sentiment`` beside it); rerunning
 it in the same output directory skips the stages that are done.
 """
 
@@ -31,8 +31,8 @@ def run_quickstart(output_dir: str | Path = "runs/quickstart", *, steps: int | N
     ``steps``: DPO steps per beta; ``sft_steps``: SFT steps; any other ``SentimentConfig`` field can be
     overridden by keyword. Returns ``run_sentiment``'s result (rows, meta, paths of the table and the plot).
     """
-    from .eval.report import short_table
-    from .experiments.sentiment import SentimentConfig, run_sentiment
+    from ..eval.report import short_table
+    from .sentiment import SentimentConfig, run_sentiment
 
     settings = {**QUICKSTART_SETTINGS, "size": size, "seed": seed, "progress": progress, **overrides}
     if steps is not None:

@@ -1,0 +1,48 @@
+"""What a run settles before its first step: the length limits a user left unset."""
+
+from __future__ import annotations
+
+import pytest
+
+from prefopt.config import DPOConfig
+from prefopt.errors import ConfigError
+from prefopt.train.setup import MAX_LENGTH_CAP, context_size, resolve_length_limits
+
+
+def small_context_model(tmp_path, positions: int):
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=32, max_position_embeddings=positions).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_max_length_alone_is_accepted_and_the_prompt_limit_follows_it(tiny_model_dir):
+    cfg = DPOConfig(model=str(tiny_model_dir), data="d.jsonl", output_dir="o", max_length=128)
+    cfg.validate()  # the prompt default (half of max_length) does not exceed a small max_length
+    said = []
+    resolve_length_limits(cfg, said.append)
+    assert (cfg.max_length, cfg.max_prompt_length) == (128, 64)
+    assert said == ["length limits: max_prompt_length 64 (half of max_length) (--max-length / --max-prompt-length "
+                    "set them)"]
+
+
+def test_default_max_length_is_the_model_context_capped_and_printed(tiny_model_dir, tmp_path):
+    cfg = DPOConfig(model=str(small_context_model(tmp_path, 256)), data="d.jsonl", output_dir="o")
+    said = []
+    resolve_length_limits(cfg, said.append)
+    assert (cfg.max_length, cfg.max_prompt_length) == (256, 128)
+    assert "max_length 256 (the model's context size 256)" in said[0]
+    assert context_size(str(tiny_model_dir)) == 1024
+    big = DPOConfig(model=str(small_context_model(tmp_path / "big", 131072)), data="d", output_dir="o")
+    resolve_length_limits(big, said.append)
+    assert big.max_length == MAX_LENGTH_CAP and "capped at 1024" in said[-1]
+
+
+def test_inconsistent_limits_name_the_field(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"max_prompt_length = 200: must be between 1 and max_length - 1 \(127\)"):
+        DPOConfig(model="m", data="d", output_dir="o", max_length=128, max_prompt_length=200).validate()
+    cfg = DPOConfig(model=str(small_context_model(tmp_path, 256)), data="d", output_dir="o", max_prompt_length=300)
+    cfg.validate()  # max_length is not known yet
+    with pytest.raises(ConfigError, match=r"max_prompt_length = 300: must be between 1 and max_length - 1 \(255\)"):
+        resolve_length_limits(cfg, print)
