@@ -214,3 +214,45 @@ def test_used_output_dir_needs_resume_or_overwrite(full, tiny_model_dir, synthet
     assert (out / "notes.txt").read_text() == "mine"  # only what prefopt wrote is cleared
     assert json.loads((out / "summary.json").read_text())["resumed_from"] is None
     assert_same_run(full, out)
+
+
+def test_resume_auto_on_a_finished_run_without_checkpoints_is_refused(tiny_model_dir, synthetic_pairs, tmp_path,
+                                                                      capsys):
+    out = tmp_path / "done"
+    base = [a for a in args(tiny_model_dir, synthetic_pairs, out) if a not in ("--save-every", "1")]
+    assert main(base) == 0 and not list((out / "checkpoints").glob("step-*"))
+    before = snapshot(out)
+    assert main(base + ["--resume", "auto"]) == 2
+    assert "holds a finished run and no checkpoint" in capsys.readouterr().err
+    assert snapshot(out) == before
+
+
+def test_fp16_overflow_steps_go_to_the_loss_scaler(tiny_model_dir, tmp_path):
+    """With a gradient scaler (fp16), a non-finite gradient norm is the scaler's routine overflow: the step goes to
+    optimizer.step() (the scaler skips it and lowers its scale); only max_nonfinite_skips of them in a row stop."""
+    from accelerate import Accelerator
+
+    from prefopt.config import SFTConfig
+    from prefopt.models import load_model
+    from prefopt.train.loop import NonFiniteError, start_run
+
+    cfg = SFTConfig(model=str(tiny_model_dir), data="d", output_dir=str(tmp_path / "run"), max_nonfinite_skips=2,
+                    progress=False)
+    accelerator = Accelerator()
+    run = start_run(cfg, load_model(tiny_model_dir), accelerator, total_steps=10, unit="examples")
+    stepped = []
+    run.optimizer.step = lambda *a, **k: stepped.append(run.step)  # what accelerate hands to the scaler
+    accelerator.scaler = object()  # as accelerate sets it for fp16
+    for _ in range(2):
+        for p in run.params:
+            p.grad = torch.full_like(p, float("inf"))
+        run.optimizer_step()
+    assert len(stepped) == 2
+    for p in run.params:
+        p.grad = torch.full_like(p, float("inf"))
+    with pytest.raises(NonFiniteError, match=r"gradient norm is inf .*loss scaler had already skipped 2 steps"):
+        run.optimizer_step()
+    for p in run.params:
+        p.grad = torch.zeros_like(p)
+    run.optimizer_step()  # a finite step resets the count
+    assert len(stepped) == 3 and run.nonfinite_in_a_row == 0

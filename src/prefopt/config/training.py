@@ -70,7 +70,9 @@ class TrainConfig:
     """A NaN or Inf loss or gradient norm: stop (before the optimizer step, naming the step and its examples) or
     skip (that optimizer step is skipped; metrics.jsonl counts them as nonfinite_skips)."""
     max_nonfinite_skips: int = 10
-    """With on_nonfinite=skip: the most optimizer steps in a row that may be skipped; one more stops the run."""
+    """With on_nonfinite=skip: the most optimizer steps in a row that may be skipped; one more stops the run. With
+    fp16 loss scaling, also the most overflow steps in a row left to the gradient scaler (which skips them and
+    lowers its scale) before a non-finite value counts as a real one."""
     seed: int = 0
     dtype: str = "float32"
     """Parameter dtype: float32, bfloat16 or float16."""

@@ -355,10 +355,16 @@ def previous_run(output_dir: Path) -> str | None:
 
 def refuse_used_output_dir(cfg: TrainConfig) -> None:
     """A new run (no ``resume``, no ``overwrite``) into a folder that holds another run stops here, before anything
-    is loaded or written (the trainers call this first; ``start_run`` checks again)."""
+    is loaded or written (the trainers call this first; ``start_run`` checks again); so does ``--resume auto`` on
+    a finished run that left no checkpoint (it would train from scratch over that run's model)."""
+    output_dir = Path(cfg.output_dir)
+    if cfg.resume == "auto" and not cfg.overwrite and not step_dirs(output_dir) \
+            and any((output_dir / name).is_file() for name in (FINAL_MARKER, "summary.json")):
+        raise ConfigError(f"--resume auto: {output_dir} holds a finished run and no checkpoint to resume from; "
+                          "training again would replace its model. Use --overwrite to start over, or another "
+                          "--output-dir.")
     if cfg.resume or cfg.overwrite:
         return
-    output_dir = Path(cfg.output_dir)
     found = previous_run(output_dir)
     if found is not None:
         raise ConfigError(f"output_dir {output_dir} holds another run's {found}. Continue that run with "

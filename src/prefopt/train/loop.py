@@ -368,6 +368,11 @@ class Run:
             self.accelerator.print(f"overwrite: removed {', '.join(removed)} from {self.output_dir}")
         self.accelerator.wait_for_everyone()
 
+    @property
+    def loss_scaling(self) -> bool:
+        """fp16 mixed precision with a gradient scaler (whose overflow steps are expected, not errors)."""
+        return getattr(self.accelerator, "scaler", None) is not None
+
     def optimizer_step(self, blame: Callable[[], str] | None = None) -> tuple[Tensor, float]:
         """Clip the accumulated gradients, check them, step the optimizer and the schedule, clear the gradients.
 
@@ -381,10 +386,17 @@ class Run:
             grad_norm = torch.linalg.vector_norm(
                 torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
         lr = self.scheduler.get_last_lr()[0]
-        if not bool(torch.isfinite(grad_norm)):  # the one host synchronisation of the check
-            self._nonfinite(float(grad_norm), blame)
-        else:
+        finite = bool(torch.isfinite(grad_norm))  # the one host synchronisation of the check
+        if finite:
             self.nonfinite_in_a_row = 0
+        elif self.loss_scaling and self.nonfinite_in_a_row < self.cfg.max_nonfinite_skips:
+            # fp16 loss scaling: an overflow is routine; the scaler skips this update and lowers its scale (it
+            # must see the step, or its next unscale fails). Only a run of them is a real non-finite loss.
+            self.nonfinite_in_a_row += 1
+            finite = True
+        else:
+            self._nonfinite(float(grad_norm), blame)
+        if finite:
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -394,6 +406,8 @@ class Run:
         step = self.step + 1
         where = blame() if blame is not None else f"the data of step {step}"
         what = f"step {step}: the gradient norm is {value} (a NaN or Inf loss or gradient); data: {where}"
+        if self.loss_scaling:
+            what += f" (the fp16 loss scaler had already skipped {self.nonfinite_in_a_row} steps in a row)"
         if self.cfg.on_nonfinite == "skip":
             self.nonfinite_skips += 1
             self.nonfinite_in_a_row += 1
