@@ -49,11 +49,14 @@ class Sample:
     response_ids: list[int] = field(default_factory=list, repr=False)
     """Generated ids up to and including the first EOS (no padding)."""
 
-    def row(self) -> dict[str, Any]:
-        """The JSONL row written by ``prefopt generate`` (token ids left out)."""
+    def row(self, with_ids: bool = False) -> dict[str, Any]:
+        """The sample as a JSONL row; ``with_ids`` adds ``prompt_ids`` and ``response_ids`` (the generated ids,
+        the final end token included when ``ended_with_eos``), as ``prefopt generate`` writes it, so that
+        ``prefopt label`` and ``prefopt dpo`` train on exactly the sampled tokens."""
         d = asdict(self)
-        d.pop("prompt_ids")
-        d.pop("response_ids")
+        if not with_ids:
+            d.pop("prompt_ids")
+            d.pop("response_ids")
         return d
 
 
@@ -226,7 +229,8 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Text], *,
 def write_samples(samples: Sequence[Sample], path: str | Path) -> Path:
     from .jsonl import write_jsonl
 
-    return write_jsonl((x.row() for x in samples), path)
+    """Write the samples as JSONL rows, token ids included (see ``Sample.row``)."""
+    return write_jsonl((x.row(with_ids=True) for x in samples), path)
 
 
 def run_generate(cfg: Any) -> list[Sample]:

@@ -13,6 +13,15 @@ The reward is a Python callable ``module:function`` (or ``path/to/file.py:functi
 Ties are never ordered arbitrarily: a pair whose scores differ by no more than ``min_margin`` (0: any tie) is
 not written, and a prompt whose best and worst responses tie is skipped and counted; in ranking mode a prompt
 with any such tie between neighbours is skipped. Identical response texts of a prompt are kept once.
+
+Exact samples: when every sample row of a prompt carries token ids (``prompt_ids``, ``response_ids``,
+``ended_with_eos``, as ``prefopt generate`` writes them), the rows written for it carry them too (pairs:
+``prompt_ids``, ``chosen_ids``, ``rejected_ids``, ``chosen_ended_with_eos``, ``rejected_ended_with_eos``; ranked
+rows: ``prompt_ids``, ``response_ids`` best first, ``responses_ended_with_eos``) and DPO trains on exactly those
+ids. Such a prompt's responses are de-duplicated by their ids, not their text: two samples that decode to the same
+text but differ in ids (one cut at max_new_tokens, one ended) are both kept; a text reward scores them equally,
+so the tie rules keep them from being paired against each other. Older sample files without ids are labelled
+exactly as before.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data.formats import read_examples, text_field
+from .data.formats import ids_field, read_examples, text_field
 from .data.types import Text
 from .errors import ConfigError, DataError
 from .jsonl import write_jsonl
@@ -39,35 +48,75 @@ class PromptGroup:
     responses: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
+    prompt_ids: list[int] | None = None
+    """Set (with ``response_ids`` and ``ended_with_eos``) only when every sample row of the prompt has ids."""
+    response_ids: list[list[int]] | None = None
+    ended_with_eos: list[bool] | None = None
+
+
+@dataclass
+class _SampleRow:
+    prompt: Text
+    response: str
+    source: str
+    prompt_ids: list[int] | None = None
+    response_ids: list[int] | None = None
+    ended_with_eos: bool | None = None
 
 
 def read_samples(path: str | Path) -> tuple[list[PromptGroup], int]:
     """Group sample rows ``{prompt, response}`` by prompt (first-appearance order); identical responses of a
-    prompt are kept once. Returns (groups, number of duplicate responses dropped)."""
-    def sample(row: dict, source: str, fmt: str) -> tuple[Text, str, str]:
+    prompt are kept once (by token ids when every row of the prompt carries them, else by text). Returns
+    (groups, number of duplicate responses dropped)."""
+    def sample(row: dict, source: str, fmt: str) -> _SampleRow:
         prompt = text_field(row, "prompt", source)
         response = row.get("response")
         if not isinstance(response, str):
             raise DataError("missing or not a string (sample rows are {prompt, response} as written by "
                             "prefopt generate)", source=source, field="response",
                             reason="missing_field" if response is None else "wrong_type")
-        return prompt, response, source
+        out = _SampleRow(prompt, response, source)
+        if row.get("prompt_ids") is not None or row.get("response_ids") is not None:
+            out.prompt_ids = ids_field(row, "prompt_ids", source)
+            out.response_ids = ids_field(row, "response_ids", source)
+            ended = row.get("ended_with_eos")
+            if not isinstance(ended, bool):
+                raise DataError("must be true or false next to response_ids", source=source, field="ended_with_eos",
+                                reason="missing_field" if ended is None else "wrong_type")
+            out.ended_with_eos = ended
+        return out
 
     # every row is validated first: a bad row stops with the full report (counts and file:line of each kind)
     samples, _ = read_examples(path, lambda row, source: "samples", sample)
-    groups: dict[str, PromptGroup] = {}
+    by_prompt: dict[str, list[_SampleRow]] = {}
+    for x in samples:
+        by_prompt.setdefault(json.dumps(x.prompt, sort_keys=True, ensure_ascii=False), []).append(x)
+    groups: list[PromptGroup] = []
     duplicates = 0
-    for prompt, response, source in samples:
-        key = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-        group = groups.setdefault(key, PromptGroup(prompt))
-        if response in group.responses:
-            duplicates += 1
-            continue
-        group.responses.append(response)
-        group.sources.append(source)
+    for rows in by_prompt.values():
+        group = PromptGroup(rows[0].prompt)
+        exact = all(x.response_ids is not None for x in rows)
+        if exact:
+            group.prompt_ids, group.response_ids, group.ended_with_eos = rows[0].prompt_ids, [], []
+        seen: set = set()
+        for x in rows:
+            if exact and x.prompt_ids != group.prompt_ids:
+                raise DataError(f"differ from the prompt_ids of {rows[0].source} for the same prompt", source=x.source,
+                                field="prompt_ids", reason="diverging")
+            key = tuple(x.response_ids) if exact else x.response
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            group.responses.append(x.response)
+            group.sources.append(x.source)
+            if exact:
+                group.response_ids.append(x.response_ids)
+                group.ended_with_eos.append(x.ended_with_eos)
+        groups.append(group)
     if not groups:
         raise DataError("no sample rows", source=str(path), reason="empty_file")
-    return list(groups.values()), duplicates
+    return groups, duplicates
 
 
 def score_groups(groups: list[PromptGroup], reward_fn: RewardFn, batch_size: int = 256,
@@ -148,17 +197,25 @@ def make_rows(groups: list[PromptGroup], *, ranking: bool = False, all_pairs: bo
             if any(g.scores[a] - g.scores[b] <= min_margin for a, b in zip(order, order[1:])):
                 report.skipped_ties += 1
                 continue
-            rows.append({"prompt": g.prompt, "responses": [_answer(g.prompt, g.responses[j]) for j in order],
-                         "scores": [g.scores[j] for j in order]})
+            row = {"prompt": g.prompt, "responses": [_answer(g.prompt, g.responses[j]) for j in order],
+                   "scores": [g.scores[j] for j in order]}
+            if g.response_ids is not None:
+                row.update(prompt_ids=g.prompt_ids, response_ids=[g.response_ids[j] for j in order],
+                           responses_ended_with_eos=[g.ended_with_eos[j] for j in order])
+            rows.append(row)
             continue
         pairs = [(a, b) for i, a in enumerate(order) for b in order[i + 1:]] if all_pairs else [(best, worst)]
         for a, b in pairs:
             if g.scores[a] - g.scores[b] <= min_margin:
                 report.tied_pairs += 1
                 continue
-            rows.append({"prompt": g.prompt, "chosen": _answer(g.prompt, g.responses[a]),
-                         "rejected": _answer(g.prompt, g.responses[b]),
-                         "chosen_score": g.scores[a], "rejected_score": g.scores[b]})
+            row = {"prompt": g.prompt, "chosen": _answer(g.prompt, g.responses[a]),
+                   "rejected": _answer(g.prompt, g.responses[b]),
+                   "chosen_score": g.scores[a], "rejected_score": g.scores[b]}
+            if g.response_ids is not None:
+                row.update(prompt_ids=g.prompt_ids, chosen_ids=g.response_ids[a], rejected_ids=g.response_ids[b],
+                           chosen_ended_with_eos=g.ended_with_eos[a], rejected_ended_with_eos=g.ended_with_eos[b])
+            rows.append(row)
     report.rows = len(rows)
     return rows, report
 

@@ -8,6 +8,12 @@ Formats (detected from the first row, or named):
 * ``implicit``: Anthropic HH transcripts ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``; the prompt runs up to and
   including the last ``"\\n\\nAssistant:"`` marker, which both transcripts must share exactly.
 * ``ranked``: ``{prompt, responses, ranks}`` (1 = best) or ``{prompt, responses, scores}`` (higher = better).
+
+Exact samples: an explicit row may also carry ``prompt_ids``, ``chosen_ids``, ``rejected_ids``,
+``chosen_ended_with_eos`` and ``rejected_ended_with_eos``, a ranked row ``prompt_ids``, ``response_ids`` (a list of
+lists, in the order of ``responses``) and ``responses_ended_with_eos`` (what ``prefopt label`` writes from
+``prefopt generate`` samples). Then the ids are used exactly and the texts (optional) are kept for reports.
+Ids must be non-empty lists of ints (within the vocabulary when ``load_preferences`` is given ``vocab_size``).
 """
 
 from __future__ import annotations
@@ -28,10 +34,16 @@ FORMATS = ("explicit", "conversational", "implicit", "ranked")
 HH_MARKER = "\n\nAssistant:"
 
 
+PAIR_ID_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+RANKED_ID_FIELDS = ("prompt_ids", "response_ids")
+
+
 def detect_format(row: dict, source: str | None = None) -> str:
     """Name the format of one raw row, or raise DataError."""
-    if "responses" in row and ("ranks" in row or "scores" in row):
+    if ("responses" in row or "response_ids" in row) and ("ranks" in row or "scores" in row):
         return "ranked"
+    if all(k in row for k in PAIR_ID_FIELDS):
+        return "explicit"
     if "chosen" in row and "rejected" in row:
         if "prompt" in row:
             return "explicit"
@@ -40,8 +52,63 @@ def detect_format(row: dict, source: str | None = None) -> str:
                     "chosen/rejected, or prompt/responses/ranks|scores", source=source, reason="unknown_format")
 
 
-def to_example(row: dict, source: str, fmt: str) -> PreferenceExample:
-    """Validate one raw row of format ``fmt`` and build its PreferenceExample (raises DataError)."""
+def ids_field(row: dict, name: str, source: str, value: Any = None, vocab_size: int | None = None) -> list[int]:
+    """A non-empty list of token ids (ints, within ``[0, vocab_size)`` when given)."""
+    value = _get(row, name, source) if value is None else value
+    if not (isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)):
+        raise DataError(f"must be a list of token ids (ints), got {value!r:.80}", source=source, field=name,
+                        reason="wrong_type")
+    if not value:
+        raise DataError("is an empty list of token ids", source=source, field=name, reason="empty_field")
+    bad = next((t for t in value if t < 0 or (vocab_size is not None and t >= vocab_size)), None)
+    if bad is not None:
+        raise DataError(f"has token id {bad} outside the vocabulary"
+                        + (f" (size {vocab_size})" if vocab_size is not None else ""), source=source, field=name,
+                        reason="bad_token_id")
+    return list(value)
+
+
+def _bool_field(row: dict, name: str, source: str, value: Any = None) -> bool:
+    value = _get(row, name, source) if value is None else value
+    if not isinstance(value, bool):
+        raise DataError(f"must be true or false, got {value!r:.80}", source=source, field=name, reason="wrong_type")
+    return value
+
+
+def _has_ids(row: dict, fmt: str) -> bool:
+    return any(k in row for k in (PAIR_ID_FIELDS if fmt == "explicit" else RANKED_ID_FIELDS if fmt == "ranked"
+                                  else ()))
+
+
+def _exact(row: dict, source: str, fmt: str, vocab_size: int | None
+           ) -> tuple[list[int], list[list[int]], list[bool], list[int] | None]:
+    """(prompt ids, response ids, ended_with_eos, best-first order or None) of a row carrying ids."""
+    prompt_ids = ids_field(row, "prompt_ids", source, vocab_size=vocab_size)
+    if fmt == "explicit":
+        ids = [ids_field(row, f"{n}_ids", source, vocab_size=vocab_size) for n in ("chosen", "rejected")]
+        ended = [_bool_field(row, f"{n}_ended_with_eos", source) for n in ("chosen", "rejected")]
+        return prompt_ids, ids, ended, None
+    lists = _get(row, "response_ids", source)
+    if not isinstance(lists, list):
+        raise DataError("must be a list of lists of token ids", source=source, field="response_ids",
+                        reason="wrong_type")
+    ids = [ids_field(row, f"response_ids[{i}]", source, r, vocab_size) for i, r in enumerate(lists)]
+    flags = _get(row, "responses_ended_with_eos", source)
+    if not isinstance(flags, list):
+        raise DataError("must be a list of true/false", source=source, field="responses_ended_with_eos",
+                        reason="wrong_type")
+    ended = [_bool_field(row, f"responses_ended_with_eos[{i}]", source, f) for i, f in enumerate(flags)]
+    if len(ended) != len(ids):
+        raise DataError(f"has {len(ended)} entries for {len(ids)} response_ids", source=source,
+                        field="responses_ended_with_eos", reason="length_mismatch")
+    return prompt_ids, ids, ended, _order(row, source, len(ids))
+
+
+def to_example(row: dict, source: str, fmt: str, vocab_size: int | None = None) -> PreferenceExample:
+    """Validate one raw row of format ``fmt`` and build its PreferenceExample (raises DataError). A row carrying
+    token ids (see the module doc) keeps them; ``vocab_size`` bounds them."""
+    if _has_ids(row, fmt):
+        return _exact_example(row, source, fmt, vocab_size)
     if fmt == "explicit" or (fmt == "conversational" and "prompt" in row):
         prompt = text_field(row, "prompt", source)
         responses = [text_field(row, "chosen", source), text_field(row, "rejected", source)]
@@ -62,6 +129,35 @@ def to_example(row: dict, source: str, fmt: str) -> PreferenceExample:
             raise DataError("responses are identical, nothing to prefer", source=source,
                             field="responses" if fmt == "ranked" else "chosen", reason="identical_responses")
     return PreferenceExample(prompt=prompt, responses=responses, source=source)
+
+
+def _exact_example(row: dict, source: str, fmt: str, vocab_size: int | None) -> PreferenceExample:
+    prompt_ids, ids, ended, order = _exact(row, source, fmt, vocab_size)
+    names = ["chosen_ids", "rejected_ids"] if fmt == "explicit" else [f"response_ids[{i}]" for i in range(len(ids))]
+    if len(ids) < 2:
+        raise DataError(f"needs at least 2 responses, got {len(ids)}", source=source, field="response_ids",
+                        reason="too_few_responses")
+    # texts are optional next to ids (kept for reports); present ones are validated as usual
+    prompt: Text = text_field(row, "prompt", source) if row.get("prompt") is not None else ""
+    if fmt == "explicit":
+        texts = [text_field(row, n, source) if row.get(n) is not None else "" for n in ("chosen", "rejected")]
+    else:
+        raw = row.get("responses")
+        if raw is None:
+            texts = [""] * len(ids)
+        elif not isinstance(raw, list) or len(raw) != len(ids):
+            raise DataError(f"must be a list of {len(ids)} responses, one per response_ids entry", source=source,
+                            field="responses", reason="length_mismatch" if isinstance(raw, list) else "wrong_type")
+        else:
+            texts = [text_field(row, f"responses[{i}]", source, r) for i, r in enumerate(raw)]
+    if order is not None:
+        ids, ended, texts = [ids[i] for i in order], [ended[i] for i in order], [texts[i] for i in order]
+    for i, a in enumerate(ids):
+        if any(a == b for b in ids[i + 1:]):
+            raise DataError("responses have identical token ids, nothing to prefer", source=source,
+                            field=names[i] if fmt == "explicit" else "response_ids", reason="identical_responses")
+    return PreferenceExample(prompt=prompt, responses=texts, source=source, prompt_ids=prompt_ids, response_ids=ids,
+                             ended_with_eos=ended)
 
 
 def _get(row: dict, name: str, source: str) -> Any:
@@ -150,19 +246,23 @@ def _ranked(row: dict, source: str) -> list[Text]:
         raise DataError(f"needs at least 2 responses, got {len(responses)}", source=source, field="responses",
                         reason="too_few_responses")
     responses = [text_field(row, f"responses[{i}]", source, r) for i, r in enumerate(responses)]
+    return [responses[i] for i in _order(row, source, len(responses))]
+
+
+def _order(row: dict, source: str, n: int) -> list[int]:
+    """Indices best first from the row's ranks (1 = best) or scores (higher = better), validated."""
     key = "ranks" if "ranks" in row else "scores"
     values = _get(row, key, source)
     if not (isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                              for v in values)):
         raise DataError("must be a list of numbers", source=source, field=key, reason="wrong_type")
-    if len(values) != len(responses):
-        raise DataError(f"has {len(values)} entries for {len(responses)} responses", source=source, field=key,
+    if len(values) != n:
+        raise DataError(f"has {len(values)} entries for {n} responses", source=source, field=key,
                         reason="length_mismatch")
     if len(set(values)) != len(values):
         raise DataError(f"has ties {values}; tied responses cannot be ranked", source=source, field=key,
                         reason="ties")
-    order = sorted(range(len(values)), key=lambda i: values[i], reverse=key == "scores")
-    return [responses[i] for i in order]
+    return sorted(range(len(values)), key=lambda i: values[i], reverse=key == "scores")
 
 
 @dataclass
@@ -215,21 +315,30 @@ class LoadReport:
 
 
 def _pair_key(ex: PreferenceExample) -> Any:
+    if ex.response_ids is not None:
+        return (ex.prompt_ids, ex.response_ids)
     return (ex.prompt, ex.responses)
 
 
 def load_preferences(path: Any, *, format: str = "auto", split: str | None = None, skip_bad: bool = False,
-                     limit: int | None = None) -> tuple[list[PreferenceExample], LoadReport]:
+                     limit: int | None = None, vocab_size: int | None = None
+                     ) -> tuple[list[PreferenceExample], LoadReport]:
     """Load a preference dataset (file, saved dataset dir, hub name, ``datasets.Dataset`` or list of dicts).
 
     The format is detected from the first readable row unless named. The whole input is validated (see
     ``data.validation``): without ``skip_bad`` any bad row raises DataValidationError (a DataError naming the
     first bad row, with the full report in its message); with it, bad rows are skipped and counted in the
-    report. Duplicate pairs are kept and counted as warnings. ``limit`` caps loaded examples.
+    report. Duplicate pairs are kept and counted as warnings. ``limit`` caps loaded examples. ``vocab_size``
+    (``len(tokenizer)``): token ids carried by exact-sample rows outside ``[0, vocab_size)`` are bad rows
+    (``bad_token_id``).
     """
     if format != "auto" and format not in FORMATS:
         raise ConfigError(f"unknown data format '{format}'; choose one of: auto, {', '.join(FORMATS)}")
-    return read_examples(path, detect_format, to_example, format=format, split=split, skip_bad=skip_bad,
+
+    def convert(row: dict, source: str, fmt: str) -> PreferenceExample:
+        return to_example(row, source, fmt, vocab_size=vocab_size)
+
+    return read_examples(path, detect_format, convert, format=format, split=split, skip_bad=skip_bad,
                          limit=limit, duplicate_key=_pair_key)
 
 

@@ -28,6 +28,11 @@ The rules (``prefopt data inspect`` shows them at work on one row):
   end with the generation prompt (e.g. ``<|im_start|>assistant\\n``); each response's text is the rendering of
   prompt + response minus the prompt's rendering (the template must be prefix-stable), i.e. the assistant
   content and the template's end of turn.
+* **Exact samples.** An example that carries token ids (``PreferenceExample.prompt_ids`` / ``response_ids``, from
+  ``prefopt generate`` -> ``prefopt label``) is not tokenized: its ids are used as they are. The prompt ids came
+  from ``encode_prompt`` (BOS already there once); each response's ids are what was sampled, ending with the end
+  token when the sample ended with it and without one when it was cut at ``max_new_tokens`` (no EOS is
+  appended). Truncation is the same.
 * **Truncation**: see ``tokenize_example``.
 """
 
@@ -183,13 +188,16 @@ def tokenize_example(ex: PreferenceExample, tokenizer: Any, *, max_length: int |
     Without ``max_length``, ``max_prompt_length`` alone caps the prompt.
     """
     sp = specials or SpecialTokens.of(tokenizer)
-    if isinstance(ex.prompt, list):
-        prompt_text, response_texts = _render_chat(ex, tokenizer)
+    if ex.response_ids is not None:  # an exact sample: its ids as they are (see the module doc)
+        prompt, responses = _exact_ids(ex, len(tokenizer))
     else:
-        prompt_text, response_texts = ex.prompt, list(ex.responses)
-    prompt, responses = encode_responses(prompt_text, response_texts, tokenizer, sp)
-    head = [] if sp.bos_id is None or prompt[:1] == [sp.bos_id] else [sp.bos_id]
-    prompt = head + prompt
+        if isinstance(ex.prompt, list):
+            prompt_text, response_texts = _render_chat(ex, tokenizer)
+        else:
+            prompt_text, response_texts = ex.prompt, list(ex.responses)
+        prompt, responses = encode_responses(prompt_text, response_texts, tokenizer, sp)
+        head = [] if sp.bos_id is None or prompt[:1] == [sp.bos_id] else [sp.bos_id]
+        prompt = head + prompt
     keep = 1 if prompt[:1] == [sp.bos_id] and sp.bos_id is not None else 0  # BOS survives prompt truncation
     longest = max(len(r) for r in responses)
     truncated = False
@@ -206,6 +214,19 @@ def tokenize_example(ex: PreferenceExample, tokenizer: Any, *, max_length: int |
         if len({tuple(r) for r in responses}) < len(responses):  # truncation made responses identical
             return None
     return TokenizedExample(prompt, responses, source=ex.source, meta={"truncated": truncated})
+
+
+def _exact_ids(ex: PreferenceExample, vocab_size: int) -> tuple[list[int], list[list[int]]]:
+    """The carried ids of an exact sample, checked against the vocabulary (DataError naming the field)."""
+    fields = [("prompt_ids", ex.prompt_ids)] + [(f"response_ids[{i}]", r) for i, r in enumerate(ex.response_ids)]
+    for name, ids in fields:
+        if not ids:
+            raise DataError("is an empty list of token ids", source=ex.source, field=name, reason="empty_field")
+        bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise DataError(f"has token id {bad!r} outside the vocabulary (size {vocab_size})", source=ex.source,
+                            field=name, reason="bad_token_id")
+    return list(ex.prompt_ids), [list(r) for r in ex.response_ids]
 
 
 @dataclass

@@ -18,11 +18,20 @@ class PreferenceExample:
 
     A pair is K = 2: ``responses[0]`` is chosen (y_w), ``responses[1]`` rejected (y_l).
     ``source`` names where the row came from ("path:line" or "dataset[index]") for error messages.
+
+    Exact samples (rows written by ``prefopt label`` from ``prefopt generate`` samples) also carry their token
+    ids: ``prompt_ids`` (BOS included, as ``encode_prompt`` made them), ``response_ids`` (one list per response,
+    same order as ``responses``, the final end token included where the sample ended with it) and
+    ``ended_with_eos``. ``tokenize_example`` then uses these ids exactly (no re-tokenization, no EOS appended);
+    the texts are kept for reports.
     """
 
     prompt: Text
     responses: list[Text]
     source: str = "<memory>"
+    prompt_ids: list[int] | None = None
+    response_ids: list[list[int]] | None = None
+    ended_with_eos: list[bool] | None = None
 
     @property
     def chosen(self) -> Text:

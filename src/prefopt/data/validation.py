@@ -47,6 +47,7 @@ KINDS = {
     "missing_marker": "no Assistant marker",
     "duplicate": "duplicate: same prompt and responses (in order) as an earlier row",
     "too_long": "does not fit in max_length after tokenization",
+    "bad_token_id": "token id outside the tokenizer's vocabulary",
 }
 """Reason code -> what it means (a code missing here is printed as itself)."""
 

@@ -87,7 +87,7 @@ def load_preference_items(cfg: TrainConfig, tokenizer: Any, accelerator: Acceler
             tokenize = tokenize_sft
         else:
             examples, report = load_preferences(path, format=cfg.data_format, split=cfg.split,
-                                                skip_bad=cfg.skip_bad_rows)
+                                                skip_bad=cfg.skip_bad_rows, vocab_size=len(tokenizer))
             tokenize = tokenize_examples
         accelerator.print(f"{what}: {report.summary()}")
         items, tok_report = tokenize(examples, tokenizer, max_length=cfg.max_length,
