@@ -77,6 +77,108 @@ def test_hinge_closed_form(beta):
     close(loss, [max(0.0, 1 - beta * h) for h in margins()])
 
 
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def log_ratios():
+    return [PC[i] - RC[i] for i in range(2)], [PR[i] - RR[i] for i in range(2)]  # [1.0, 0.5], [-0.5, 0.2]
+
+
+@pytest.mark.parametrize("beta,eps", [(1.0, 0.1), (0.3, 1e-3), (2.0, 0.5)])
+def test_exo_pair_closed_form(beta, eps):
+    # EXO Eq. 16, K = 2: KL(q || p), q = softmax(beta * log-ratios) = (sigma(beta h), 1 - sigma(beta h)),
+    # p = (1 - eps, eps)
+    loss, rc, _ = call("exo_pair", beta, label_smoothing=eps)
+    exp = []
+    for h in margins():
+        q = sig(beta * h)
+        exp.append(q * math.log(q / (1 - eps)) + (1 - q) * math.log((1 - q) / eps))
+    close(loss, exp)
+    close(rc, [beta * c for c in log_ratios()[0]])
+
+
+def test_exo_pair_eps0_means_1e3_and_range():
+    a, _, _ = call("exo_pair", 0.5)
+    b, _, _ = call("exo_pair", 0.5, label_smoothing=1e-3)
+    close(a, b.tolist(), 1e-12)
+    for eps in (-0.1, 0.6):
+        with pytest.raises(ValueError, match="exo_pair"):
+            call("exo_pair", 0.5, label_smoothing=eps)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.1, 2.0])
+def test_nca_pair_closed_form(beta):
+    c, r = log_ratios()
+    loss, _, _ = call("nca_pair", beta)
+    close(loss, [-logsig(beta * c[i]) - 0.5 * logsig(-beta * c[i]) - 0.5 * logsig(-beta * r[i]) for i in range(2)])
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.1, 2.0])
+def test_sppo_hard_closed_form(beta):
+    c, r = log_ratios()
+    loss, _, _ = call("sppo_hard", beta)
+    close(loss, [(c[i] - 1 / (2 * beta)) ** 2 + (r[i] + 1 / (2 * beta)) ** 2 for i in range(2)])
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.1, 2.0])
+def test_apo_closed_form(beta):
+    c, r = log_ratios()
+    zero, _, _ = call("apo_zero", beta)
+    close(zero, [1 - sig(beta * c[i]) + sig(beta * r[i]) for i in range(2)])
+    down, _, _ = call("apo_down", beta)
+    close(down, [sig(beta * c[i]) + 1 - sig(beta * (c[i] - r[i])) for i in range(2)])
+
+
+@pytest.mark.parametrize("beta,tau", [(1.0, 0.05), (0.1, 0.05), (2.0, 1.0)])
+def test_discopop_closed_form(beta, tau):
+    loss, _, _ = call("discopop", beta, tau=tau)
+    exp = []
+    for h in margins():
+        m = sig(beta * h / tau)
+        exp.append((1 - m) * -logsig(beta * h) + m * math.exp(-beta * h))
+    close(loss, exp)
+    if tau == 0.05:  # TRL's default
+        close(call("discopop", beta)[0], exp)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.1, 2.0])
+def test_sigmoid_norm_closed_form(beta):
+    loss, rc, rr = call("sigmoid_norm", beta, chosen_lengths=t(LC), rejected_lengths=t(LR))
+    c, r = log_ratios()
+    close(loss, [-logsig(beta * (c[i] / LC[i] - r[i] / LR[i])) for i in range(2)])
+    close(rc, [beta * x for x in c])  # rewards stay on summed log-ratios
+    close(rr, [beta * x for x in r])
+    with pytest.raises(ValueError, match="lengths"):
+        call("sigmoid_norm", beta)
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("sigmoid_norm", lambda beta: math.log(2)),
+    ("nca_pair", lambda beta: 2 * math.log(2)),
+    ("sppo_hard", lambda beta: 2 * (1 / (2 * beta)) ** 2),
+    ("apo_zero", lambda beta: 1.0),
+    ("apo_down", lambda beta: 1.0),
+    ("discopop", lambda beta: 0.5 * math.log(2) + 0.5),
+    ("exo_pair", lambda beta: 0.5 * math.log(0.5 / (1 - 1e-3)) + 0.5 * math.log(0.5 / 1e-3)),
+])
+def test_new_losses_first_step_at_policy_equals_reference(name, expected):
+    x = torch.randn(4, dtype=torch.float64)
+    y = torch.randn(4, dtype=torch.float64)
+    beta = 0.3
+    loss, rc, rr = get_loss(name)(x, y, x.clone(), y.clone(), beta=beta, chosen_lengths=t([3.0] * 4),
+                                  rejected_lengths=t([5.0] * 4))
+    close(loss, [expected(beta)] * 4, 1e-12)
+    close(rc, [0.0] * 4)
+    close(rr, [0.0] * 4)
+
+
+@pytest.mark.parametrize("name", ["nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm"])
+def test_new_losses_reject_label_smoothing(name):
+    with pytest.raises(ValueError, match="label_smoothing"):
+        call(name, 0.1, label_smoothing=0.1, chosen_lengths=t(LC), rejected_lengths=t(LR))
+
+
 def test_sigmoid_is_ln2_when_policy_equals_reference():
     x = torch.randn(4, dtype=torch.float64)
     y = torch.randn(4, dtype=torch.float64)
@@ -159,7 +261,9 @@ def test_chosen_nll_and_reference_free():
 
 
 def test_registry():
-    assert set(loss_names()) == {"sigmoid", "cdpo", "robust", "ipo", "ipo_per_token", "hinge", "plackett_luce"}
+    assert set(loss_names()) == {"sigmoid", "cdpo", "robust", "ipo", "ipo_per_token", "hinge", "exo_pair",
+                                 "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm",
+                                 "plackett_luce"}
     assert "plackett_luce" not in L.PAIRWISE_LOSSES and set(L.PAIRWISE_LOSSES) < set(L.LOSSES)
     for name in loss_names():
         assert get_loss(name) is L.LOSSES[name]
@@ -203,3 +307,19 @@ def test_mismatched_shapes():
         get_loss("sigmoid")(torch.zeros(2), torch.zeros(3), torch.zeros(2), torch.zeros(2), beta=0.1)
     with pytest.raises(ValueError, match="shape"):
         get_loss("plackett_luce")(torch.zeros(2, 3), torch.zeros(2, 4), beta=0.1)
+
+
+def test_config_label_smoothing_for_exo_pair():
+    from prefopt.config import load_config
+    from prefopt.config.training import DPOConfig
+    from prefopt.errors import ConfigError
+
+    good = dict(model="m", data="d", output_dir="o")
+    for eps in (0.0, 1e-3, 0.5):
+        assert load_config(DPOConfig, overrides={**good, "loss": "exo_pair", "label_smoothing": eps})
+    with pytest.raises(ConfigError, match="label_smoothing .* exo_pair"):
+        load_config(DPOConfig, overrides={**good, "loss": "exo_pair", "label_smoothing": 0.6})
+    with pytest.raises(ConfigError, match="label smoothing belongs to cdpo and robust"):
+        load_config(DPOConfig, overrides={**good, "loss": "nca_pair", "label_smoothing": 0.1})
+    for name in ("nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm"):
+        assert load_config(DPOConfig, overrides={**good, "loss": name}).loss == name

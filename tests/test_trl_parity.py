@@ -36,7 +36,10 @@ Tokenization conventions (plain-text rows), and why both sides see identical ids
   ``test_conversational_rows_differ_only_by_template_text_after_eos`` pins that difference.
 
 Loss correspondences: prefopt ``sigmoid``/``robust``/``hinge`` = TRL ``sigmoid``/``robust``/``hinge``;
-prefopt ``ipo_per_token`` = TRL ``ipo`` (TRL divides each log-ratio by its completion length). TRL 1.16's
+prefopt ``ipo_per_token`` = TRL ``ipo`` (TRL divides each log-ratio by its completion length); prefopt
+``exo_pair``/``nca_pair``/``sppo_hard``/``apo_zero``/``apo_down``/``discopop``/``sigmoid_norm`` = the TRL loss of
+the same name (``exo_pair``'s epsilon is ``label_smoothing`` on both sides; prefopt's 0 means 1e-3, TRL's 0 is
+refused). Every TRL loss reports rewards beta * (pi - ref) on summed log-probs, as prefopt does. TRL 1.16's
 ``sigmoid`` ignores ``label_smoothing``, so conservative DPO (prefopt ``cdpo``) has no direct TRL loss; on a
 single pair TRL's ``aot``/``aot_unpaired`` (which sort log-ratios across the batch, a no-op for one pair)
 reduce exactly to the cDPO formula and are used for it.
@@ -86,6 +89,18 @@ CASES = [
     ("ipo", "ipo_per_token", "ipo", 0.5, 0.0),
     # beta = 1 puts one pair past the hinge (beta * h > 1, loss 0) and three before it
     ("hinge", "hinge", "hinge", 1.0, 0.0),
+    # exo_pair reads label_smoothing as EXO's epsilon on both sides; TRL 1.16 refuses 0, which prefopt takes to
+    # mean the paper's 1e-3 (test_exo_pair_eps0_is_trl_eps_1e3 below), so both cases here give eps > 0
+    ("exo_pair", "exo_pair", "exo_pair", 0.5, 1e-3),
+    ("exo_pair_eps0.2", "exo_pair", "exo_pair", 0.5, 0.2),
+    ("nca_pair", "nca_pair", "nca_pair", 0.5, 0.0),
+    ("sppo_hard", "sppo_hard", "sppo_hard", 0.5, 0.0),
+    ("apo_zero", "apo_zero", "apo_zero", 0.5, 0.0),
+    ("apo_down", "apo_down", "apo_down", 0.5, 0.0),
+    # prefopt's tau defaults to TRL's discopop_tau (0.05), which DPOConfig leaves at its default here
+    ("discopop", "discopop", "discopop", 0.5, 0.0),
+    # both divide each log-ratio by its completion token count (TRL: completion_mask sums, prefopt: lengths)
+    ("sigmoid_norm", "sigmoid_norm", "sigmoid_norm", 0.5, 0.0),
 ]
 
 
@@ -336,3 +351,12 @@ def test_trl_sigmoid_ignores_label_smoothing(policy, reference, items, tokenizer
           "TRL sigmoid with label_smoothing vs prefopt sigmoid")
     cdpo = prefopt_step("cdpo", beta, eps, policy, reference, items, tokenizer)["loss"]
     assert (cdpo.double() - theirs["loss"]).abs().max() > 1e-3
+
+
+def test_exo_pair_eps0_is_trl_eps_1e3(policy, reference, items, tokenizer, make_trainer):
+    """Convention: TRL 1.16 raises for exo_pair with label_smoothing = 0; prefopt reads 0 as the paper's 1e-3."""
+    ours = prefopt_step("exo_pair", 0.5, 0.0, policy, reference, items, tokenizer)
+    theirs = trl_single_rows(make_trainer("exo_pair", 0.5, 1e-3))
+    close(ours["loss"], theirs["loss"], "exo_pair eps 0 vs TRL eps 1e-3")
+    with pytest.raises(ValueError, match="exo_pair"):
+        make_trainer("exo_pair", 0.5, 0.0)

@@ -52,7 +52,7 @@ class Command:
 COMMANDS: tuple[Command, ...] = (
     Command("dpo", DPOConfig, "prefopt.train.dpo:train_dpo",
             "train a causal LM on preference data with DPO or a related loss",
-            "Train with DPO (or cdpo, robust, ipo, ipo_per_token, hinge, plackett_luce)."),
+            "Train with DPO (or another loss of --loss: cdpo, robust, ipo, hinge, apo_zero, plackett_luce, ...)."),
     Command("sft", SFTConfig, "prefopt.train.sft:train_sft",
             "supervised fine-tuning on prompt/response, conversation or text data",
             "Supervised fine-tuning: NLL of the response tokens (prompt tokens masked). "

@@ -8,7 +8,14 @@ and rejected responses, ``ref_c``/``ref_r`` the reference model's, and
 
 Every pairwise loss has the signature of :data:`PairwiseLoss`; look one up with :func:`get_loss`.
 Each variant has exactly one name: plain DPO (``sigmoid``) takes no label smoothing; use ``cdpo``
-or ``robust`` for the two label-noise variants.
+or ``robust`` for the two label-noise variants (``exo_pair`` reads it as EXO's epsilon).
+
+Losses that need a hyper-parameter besides beta take it as a keyword argument with TRL 1.16's default
+(``discopop``'s ``tau``); ``exo_pair`` reads ``label_smoothing`` as its epsilon (see its docstring).
+
+Not here because they couple the examples of a batch: TRL's ``aot``/``aot_unpaired`` sort log-ratios across the
+batch (a per-example loss would then depend on the micro-batch split, which breaks exact gradient accumulation),
+and ``bco_pair`` needs a running reward mean (state across steps).
 
 Reference-free DPO: pass zeros as the reference log-probs (an absent/uniform reference), e.g.
 ``reference_free(policy_chosen_logps)``; then h is the plain policy log-prob margin.
@@ -16,6 +23,7 @@ Reference-free DPO: pass zeros as the reference log-probs (an absent/uniform ref
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Protocol
 
 import torch
@@ -24,7 +32,8 @@ from torch import Tensor
 
 __all__ = [
     "LOSSES", "PAIRWISE_LOSSES", "PairwiseLoss", "ListwiseLoss", "get_loss", "loss_names",
-    "sigmoid", "cdpo", "robust", "ipo", "ipo_per_token", "hinge", "plackett_luce",
+    "sigmoid", "cdpo", "robust", "ipo", "ipo_per_token", "hinge", "exo_pair", "nca_pair", "sppo_hard",
+    "apo_zero", "apo_down", "discopop", "sigmoid_norm", "plackett_luce",
     "chosen_nll", "reference_free",
 ]
 
@@ -71,6 +80,18 @@ def _margin(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float) -> tupl
     _check(beta, pc, pr, rc, rr)
     c, r = pc - rc, pr - rr
     return c - r, (beta * c).detach(), (beta * r).detach()
+
+
+def _length_normalised_margin(name: str, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float,
+                              len_c: Tensor | None, len_r: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Return (h', r_c, r_r): h' = (pi_c - ref_c)/len_c - (pi_r - ref_r)/len_r, rewards on summed log-ratios."""
+    if len_c is None or len_r is None:
+        raise ValueError(f"{name} requires chosen_lengths and rejected_lengths (response token counts)")
+    _check(beta, pc, pr, rc, rr, len_c, len_r)
+    if (len_c <= 0).any() or (len_r <= 0).any():
+        raise ValueError(f"{name} lengths must be positive token counts")
+    c, r = pc - rc, pr - rr
+    return c / len_c - r / len_r, (beta * c).detach(), (beta * r).detach()
 
 
 @_register("sigmoid")
@@ -134,17 +155,10 @@ def ipo_per_token(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, re
     every other loss (and as TRL 1.16 reports them for its ``ipo``), so reward metrics compare across losses.
     """
     _no_smoothing("ipo_per_token", label_smoothing)
-    if chosen_lengths is None or rejected_lengths is None:
-        raise ValueError("ipo_per_token requires chosen_lengths and rejected_lengths (response token counts)")
-    _check(beta, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-           chosen_lengths, rejected_lengths)
-    if (chosen_lengths <= 0).any() or (rejected_lengths <= 0).any():
-        raise ValueError("ipo_per_token lengths must be positive token counts")
-    c = (policy_chosen_logps - reference_chosen_logps) / chosen_lengths
-    r = (policy_rejected_logps - reference_rejected_logps) / rejected_lengths
-    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)
-    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps)
-    return (c - r - 1 / (2 * beta)) ** 2, chosen_rewards.detach(), rejected_rewards.detach()
+    h, chosen_rewards, rejected_rewards = _length_normalised_margin(
+        "ipo_per_token", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+        reference_rejected_logps, beta, chosen_lengths, rejected_lengths)
+    return (h - 1 / (2 * beta)) ** 2, chosen_rewards, rejected_rewards
 
 
 @_register("hinge")
@@ -156,6 +170,115 @@ def hinge(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_
     h, rc, rr = _margin(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                         reference_rejected_logps, beta)
     return torch.relu(1 - beta * h), rc, rr
+
+
+@_register("exo_pair")
+def exo_pair(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
+             reference_rejected_logps: Tensor, *, beta: float, label_smoothing: float = 0.0,
+             chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None):
+    """EXO-pref (Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment", Eq. 16),
+    K = 2: KL(q || p) with q = (sigma(beta h), sigma(-beta h)) and the smoothed target p = (1 - eps, eps):
+    loss = sigma(beta h) (log sigma(beta h) - log(1 - eps)) + sigma(-beta h) (log sigma(-beta h) - log eps).
+
+    eps is ``label_smoothing``, in [0, 0.5]; 0 (the default) means the paper's recommended 1e-3. TRL 1.16 reads
+    the same label_smoothing as eps but refuses 0; any eps > 0 gives TRL's loss exactly.
+    """
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"exo_pair label_smoothing (epsilon) must be in [0, 0.5] (0: 1e-3), got {label_smoothing}")
+    eps = label_smoothing or 1e-3
+    h, rc, rr = _margin(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                        reference_rejected_logps, beta)
+    z = beta * h
+    loss = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+            + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+    return loss, rc, rr
+
+
+@_register("nca_pair")
+def nca_pair(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
+             reference_rejected_logps: Tensor, *, beta: float, label_smoothing: float = 0.0,
+             chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None):
+    """NCA (Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit Rewards"), pairwise:
+    loss = -log sigma(r_c) - 1/2 log sigma(-r_c) - 1/2 log sigma(-r_r)."""
+    _no_smoothing("nca_pair", label_smoothing)
+    _, rc, rr = _margin(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                        reference_rejected_logps, beta)
+    zc = beta * (policy_chosen_logps - reference_chosen_logps)
+    zr = beta * (policy_rejected_logps - reference_rejected_logps)
+    return -F.logsigmoid(zc) - 0.5 * F.logsigmoid(-zc) - 0.5 * F.logsigmoid(-zr), rc, rr
+
+
+@_register("sppo_hard")
+def sppo_hard(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
+              reference_rejected_logps: Tensor, *, beta: float, label_smoothing: float = 0.0,
+              chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None):
+    """SPPO (Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment", Eq. 4.7) with hard
+    win probabilities (1 for chosen, 0 for rejected), as TRL's ``sppo_hard``:
+    loss = ((pi_c - ref_c) - 1/(2 beta))^2 + ((pi_r - ref_r) + 1/(2 beta))^2."""
+    _no_smoothing("sppo_hard", label_smoothing)
+    _, rc, rr = _margin(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                        reference_rejected_logps, beta)
+    c = policy_chosen_logps - reference_chosen_logps
+    r = policy_rejected_logps - reference_rejected_logps
+    return (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2, rc, rr
+
+
+@_register("apo_zero")
+def apo_zero(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
+             reference_rejected_logps: Tensor, *, beta: float, label_smoothing: float = 0.0,
+             chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None):
+    """APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive Revisions", Eq. 7),
+    for chosen responses better than the policy's own: loss = (1 - sigma(r_c)) + sigma(r_r)."""
+    _no_smoothing("apo_zero", label_smoothing)
+    _, rc, rr = _margin(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                        reference_rejected_logps, beta)
+    zc = beta * (policy_chosen_logps - reference_chosen_logps)
+    zr = beta * (policy_rejected_logps - reference_rejected_logps)
+    return (1 - torch.sigmoid(zc)) + torch.sigmoid(zr), rc, rr
+
+
+@_register("apo_down")
+def apo_down(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
+             reference_rejected_logps: Tensor, *, beta: float, label_smoothing: float = 0.0,
+             chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None):
+    """APO-down (D'Oosterlinck et al. 2024, Eq. 8), for chosen responses worse than the policy's own:
+    loss = sigma(r_c) + (1 - sigma(beta h))."""
+    _no_smoothing("apo_down", label_smoothing)
+    h, rc, rr = _margin(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                        reference_rejected_logps, beta)
+    zc = beta * (policy_chosen_logps - reference_chosen_logps)
+    return torch.sigmoid(zc) + (1 - torch.sigmoid(beta * h)), rc, rr
+
+
+@_register("discopop")
+def discopop(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
+             reference_rejected_logps: Tensor, *, beta: float, label_smoothing: float = 0.0,
+             chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None, tau: float = 0.05):
+    """DiscoPOP / log-ratio modulated loss (Chris Lu et al. 2024, "Discovering Preference Optimization Algorithms
+    with and for Large Language Models", Eq. 5), temperature tau (TRL's ``discopop_tau``, default 0.05):
+    with z = beta h and m = sigma(z / tau): loss = (1 - m) (-log sigma(z)) + m exp(-z)."""
+    _no_smoothing("discopop", label_smoothing)
+    if not tau > 0:
+        raise ValueError(f"discopop tau must be > 0, got {tau}")
+    h, rc, rr = _margin(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                        reference_rejected_logps, beta)
+    z = beta * h
+    m = torch.sigmoid(z / tau)
+    return (1 - m) * -F.logsigmoid(z) + m * torch.exp(-z), rc, rr
+
+
+@_register("sigmoid_norm")
+def sigmoid_norm(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
+                 reference_rejected_logps: Tensor, *, beta: float, label_smoothing: float = 0.0,
+                 chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None):
+    """Length-normalised DPO (TRL's ``sigmoid_norm``; the DPO loss of Rafailov et al. 2023 on per-token
+    log-ratios): h' = (pi_c - ref_c)/len_c - (pi_r - ref_r)/len_r, loss = -log sigma(beta h').
+    Rewards stay beta * (pi - ref) on summed log-probs, as TRL reports them."""
+    _no_smoothing("sigmoid_norm", label_smoothing)
+    h, rc, rr = _length_normalised_margin(
+        "sigmoid_norm", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+        reference_rejected_logps, beta, chosen_lengths, rejected_lengths)
+    return -F.logsigmoid(beta * h), rc, rr
 
 
 PAIRWISE_LOSSES: tuple[str, ...] = tuple(LOSSES)

@@ -128,12 +128,14 @@ class DPOConfig(TrainConfig):
     ref_model: str | None = None
     """Reference model path; default: a frozen copy of the initial policy (or, with LoRA, the base model)."""
     loss: str = "sigmoid"
-    """Preference loss by name: sigmoid (the paper's DPO), cdpo, robust, ipo, ipo_per_token, hinge,
-    plackett_luce (ranked data; K = 2 equals sigmoid)."""
+    """Preference loss by name: sigmoid (the paper's DPO), cdpo, robust, ipo, ipo_per_token, hinge, exo_pair,
+    nca_pair, sppo_hard, apo_zero, apo_down, discopop, sigmoid_norm, plackett_luce (ranked data; K = 2 equals
+    sigmoid)."""
     beta: float = 0.1
     """Strength of the KL constraint (the paper's beta; IPO's tau)."""
     label_smoothing: float = 0.0
-    """Label-noise rate epsilon for cdpo (in [0, 0.5]) and robust (in [0, 0.5))."""
+    """Label-noise rate epsilon for cdpo (in [0, 0.5]) and robust (in [0, 0.5)); EXO's epsilon for exo_pair
+    (in [0, 0.5]; 0 means the paper's 1e-3)."""
     nll_weight: float = 0.0
     """Weight of an extra per-token NLL (SFT) term on the chosen response."""
     reference_free: bool = False
@@ -170,9 +172,13 @@ class DPOConfig(TrainConfig):
             check_field(0 <= self.label_smoothing <= 0.5, "label_smoothing", self.label_smoothing, "in [0, 0.5] for cdpo")
         elif self.loss == "robust":
             check_field(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "in [0, 0.5) for robust")
+        elif self.loss == "exo_pair":
+            check_field(0 <= self.label_smoothing <= 0.5, "label_smoothing", self.label_smoothing,
+                        "in [0, 0.5] for exo_pair (0: the EXO paper's 1e-3)")
         else:
             check_field(self.label_smoothing == 0, "label_smoothing", self.label_smoothing,
-                   f"0 for loss '{self.loss}' (label smoothing belongs to cdpo and robust)")
+                   f"0 for loss '{self.loss}' (label smoothing belongs to cdpo and robust, "
+                   "and is EXO's epsilon for exo_pair)")
         check_field(self.nll_weight >= 0, "nll_weight", self.nll_weight, ">= 0")
         check_field(self.logps_chunk_size is None or self.logps_chunk_size >= 0, "logps_chunk_size",
                     self.logps_chunk_size, "an integer >= 0 (0: off) or none (auto, by logits_memory_mb)")
