@@ -263,7 +263,8 @@ def test_chosen_nll_and_reference_free():
 def test_registry():
     assert set(loss_names()) == {"sigmoid", "cdpo", "robust", "ipo", "ipo_per_token", "hinge", "exo_pair",
                                  "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm",
-                                 "plackett_luce"}
+                                 "simpo", "orpo", "plackett_luce"}
+    assert L.REFERENCE_FREE_LOSSES == {"simpo", "orpo"} and L.REFERENCE_FREE_LOSSES < set(L.PAIRWISE_LOSSES)
     assert "plackett_luce" not in L.PAIRWISE_LOSSES and set(L.PAIRWISE_LOSSES) < set(L.LOSSES)
     for name in loss_names():
         assert get_loss(name) is L.LOSSES[name]

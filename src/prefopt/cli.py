@@ -140,6 +140,27 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .eval.plots import plot_training_curves
+
+    output_dir = args.output_dir if args.output_dir is not None else Path(args.run_dirs[0]) / "plots"
+    keys = args.keys.split(",") if args.keys else None
+    for path in plot_training_curves(args.run_dirs, output_dir, keys=keys):
+        print(path)
+    return 0
+
+
+def _add_plot_parser(sub: Any) -> None:
+    p = sub.add_parser("plot", help="training curves (PNG) from runs' metrics.jsonl, several runs overlaid",
+                       description="One PNG per metric group in the runs' metrics.jsonl (loss, reward margins with "
+                                   "chosen/rejected rewards, accuracy, log-probs, any other numeric key), x = step, "
+                                   "runs overlaid, evaluation rows dashed with markers. Prints the written paths.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a training run's --output-dir")
+    p.add_argument("--output-dir", default=None, help="where the PNGs go (default: <first RUN_DIR>/plots)")
+    p.add_argument("--keys", default=None, help="only these metrics, comma-separated (e.g. loss,rewards/margins)")
+    p.set_defaults(func=cmd_plot)
+
+
 def _add_model_parser(sub: Any) -> None:
     p = sub.add_parser("model", help="make models: 'prefopt model init'")
     msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
@@ -188,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
             add(command)
     _add_model_parser(sub)
     _add_quickstart_parser(sub)
+    _add_plot_parser(sub)
     for command in COMMANDS:
         if " " in command.name:
             add(command)

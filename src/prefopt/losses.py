@@ -17,6 +17,9 @@ Not here because they couple the examples of a batch: TRL's ``aot``/``aot_unpair
 batch (a per-example loss would then depend on the micro-batch split, which breaks exact gradient accumulation),
 and ``bco_pair`` needs a running reward mean (state across steps).
 
+Reference-free losses (:data:`REFERENCE_FREE_LOSSES`: ``simpo``, ``orpo``) read only the policy's log-probs
+(their reference arguments are ignored): a run with one loads no reference model and makes no reference pass.
+
 Reference-free DPO: pass zeros as the reference log-probs (an absent/uniform reference), e.g.
 ``reference_free(policy_chosen_logps)``; then h is the plain policy log-prob margin.
 """
@@ -33,7 +36,7 @@ from torch import Tensor
 __all__ = [
     "LOSSES", "PAIRWISE_LOSSES", "PairwiseLoss", "ListwiseLoss", "get_loss", "loss_names",
     "sigmoid", "cdpo", "robust", "ipo", "ipo_per_token", "hinge", "exo_pair", "nca_pair", "sppo_hard",
-    "apo_zero", "apo_down", "discopop", "sigmoid_norm", "plackett_luce",
+    "apo_zero", "apo_down", "discopop", "sigmoid_norm", "simpo", "orpo", "plackett_luce", "REFERENCE_FREE_LOSSES",
     "chosen_nll", "reference_free",
 ]
 
@@ -281,7 +284,59 @@ def sigmoid_norm(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref
     return -F.logsigmoid(beta * h), rc, rr
 
 
+def _mean_logps(name: str, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float,
+                len_c: Tensor | None, len_r: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Return the length-normalised policy log-probs (pi_c/len_c, pi_r/len_r); the reference ones are unused."""
+    if len_c is None or len_r is None:
+        raise ValueError(f"{name} requires chosen_lengths and rejected_lengths (response token counts)")
+    _check(beta, pc, pr, rc, rr, len_c, len_r)
+    if (len_c <= 0).any() or (len_r <= 0).any():
+        raise ValueError(f"{name} lengths must be positive token counts")
+    return pc / len_c, pr / len_r
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x <= 0, stable on both sides of -ln 2 (as TRL's ORPO)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+@_register("simpo")
+def simpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
+          reference_rejected_logps: Tensor, *, beta: float, label_smoothing: float = 0.0,
+          chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None, gamma: float = 0.5):
+    """SimPO (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward", Eq. 6),
+    reference-free, target reward margin gamma (TRL's ``simpo_gamma``, default 0.5, on the reward scale):
+    loss = -log sigma(beta (pi_c/len_c - pi_r/len_r) - gamma); rewards beta * pi/len (length-normalised, as
+    TRL's CPOTrainer reports them). The reference log-probs are ignored."""
+    _no_smoothing("simpo", label_smoothing)
+    if not gamma >= 0:
+        raise ValueError(f"simpo gamma must be >= 0, got {gamma}")
+    mc, mr = _mean_logps("simpo", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                         reference_rejected_logps, beta, chosen_lengths, rejected_lengths)
+    return -F.logsigmoid(beta * (mc - mr) - gamma), (beta * mc).detach(), (beta * mr).detach()
+
+
+@_register("orpo")
+def orpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
+         reference_rejected_logps: Tensor, *, beta: float, label_smoothing: float = 0.0,
+         chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None):
+    """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model", Eqs. 4-7),
+    reference-free, lambda = beta (as TRL's ORPOTrainer). With m = pi/len (mean per-token log-prob) and
+    log odds(y) = m - log(1 - exp(m)):
+    loss = -m_c - beta log sigma(log odds(y_w) - log odds(y_l)); rewards beta * m.
+
+    The NLL term -m_c is the chosen response's mean per-token NLL of each example; TRL averages the NLL over all
+    chosen tokens of a batch instead, which is the same when the chosen responses have equal lengths. The
+    reference log-probs are ignored."""
+    _no_smoothing("orpo", label_smoothing)
+    mc, mr = _mean_logps("orpo", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                         reference_rejected_logps, beta, chosen_lengths, rejected_lengths)
+    log_odds = (mc - mr) - (_log1mexp(mc) - _log1mexp(mr))
+    return -mc - beta * F.logsigmoid(log_odds), (beta * mc).detach(), (beta * mr).detach()
+
+
 PAIRWISE_LOSSES: tuple[str, ...] = tuple(LOSSES)
+REFERENCE_FREE_LOSSES: frozenset[str] = frozenset({"simpo", "orpo"})
 
 
 @_register("plackett_luce")

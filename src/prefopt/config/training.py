@@ -129,13 +129,16 @@ class DPOConfig(TrainConfig):
     """Reference model path; default: a frozen copy of the initial policy (or, with LoRA, the base model)."""
     loss: str = "sigmoid"
     """Preference loss by name: sigmoid (the paper's DPO), cdpo, robust, ipo, ipo_per_token, hinge, exo_pair,
-    nca_pair, sppo_hard, apo_zero, apo_down, discopop, sigmoid_norm, plackett_luce (ranked data; K = 2 equals
-    sigmoid)."""
+    nca_pair, sppo_hard, apo_zero, apo_down, discopop, sigmoid_norm, simpo and orpo (reference-free: no reference
+    model is loaded and none may be given), plackett_luce (ranked data; K = 2 equals sigmoid)."""
     beta: float = 0.1
     """Strength of the KL constraint (the paper's beta; IPO's tau)."""
     label_smoothing: float = 0.0
     """Label-noise rate epsilon for cdpo (in [0, 0.5]) and robust (in [0, 0.5)); EXO's epsilon for exo_pair
     (in [0, 0.5]; 0 means the paper's 1e-3)."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma (>= 0; TRL's simpo_gamma, on the reward scale, not divided by beta);
+    used only by loss simpo."""
     nll_weight: float = 0.0
     """Weight of an extra per-token NLL (SFT) term on the chosen response."""
     reference_free: bool = False
@@ -159,8 +162,11 @@ class DPOConfig(TrainConfig):
 
     @property
     def precomputes_reference(self) -> bool:
-        """precompute_ref as it takes effect: None (the default) means on, and a reference-free run has none."""
-        return self.precompute_ref is not False and not self.reference_free
+        """precompute_ref as it takes effect: None (the default) means on; a reference-free run or loss has none."""
+        from ..losses import REFERENCE_FREE_LOSSES
+
+        return (self.precompute_ref is not False and not self.reference_free
+                and self.loss not in REFERENCE_FREE_LOSSES)
 
     def validate(self) -> None:
         super().validate()
@@ -179,6 +185,7 @@ class DPOConfig(TrainConfig):
             check_field(self.label_smoothing == 0, "label_smoothing", self.label_smoothing,
                    f"0 for loss '{self.loss}' (label smoothing belongs to cdpo and robust, "
                    "and is EXO's epsilon for exo_pair)")
+        check_field(self.simpo_gamma >= 0, "simpo_gamma", self.simpo_gamma, ">= 0 (SimPO's target reward margin)")
         check_field(self.nll_weight >= 0, "nll_weight", self.nll_weight, ">= 0")
         check_field(self.logps_chunk_size is None or self.logps_chunk_size >= 0, "logps_chunk_size",
                     self.logps_chunk_size, "an integer >= 0 (0: off) or none (auto, by logits_memory_mb)")
@@ -186,6 +193,11 @@ class DPOConfig(TrainConfig):
                     "a positive number of MB")
         if self.reference_free and (self.ref_model or self.precompute_ref is True):
             raise ConfigError("reference_free uses no reference model: drop ref_model / precompute_ref.")
+        from ..losses import REFERENCE_FREE_LOSSES
+
+        if self.loss in REFERENCE_FREE_LOSSES and (self.ref_model or self.precompute_ref is True):
+            raise ConfigError(f"loss '{self.loss}' is reference-free and uses no reference model: "
+                              "drop ref_model / precompute_ref.")
 
 
 @dataclass

@@ -1,8 +1,11 @@
-"""Reward against KL(pi || pi_ref), one series per method (the DPO paper's Figure 2, left)."""
+"""Plots: reward against KL(pi || pi_ref), one series per method (the DPO paper's Figure 2, left), and training
+curves from runs' ``metrics.jsonl``."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,4 +64,148 @@ def plot_reward_vs_kl(rows: Sequence[dict[str, Any]], path: str | Path, *, title
     return path
 
 
-__all__ = ["plot_reward_vs_kl"]
+# Training curves ------------------------------------------------------------------------------------------------
+
+#: Metric groups drawn on one figure each (file stem, title, keys); keys not listed here get a figure of their own.
+CURVE_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("loss", "Loss", ("loss",)),
+    ("rewards", "Implicit rewards", ("rewards/margins", "rewards/chosen", "rewards/rejected")),
+    ("accuracy", "Accuracy", ("rewards/accuracies", "accuracy")),
+    ("logps", "Log-probabilities", ("logps/chosen", "logps/rejected")),
+)
+#: Not plotted: the x axis, and timing/throughput (they measure the machine, not the training).
+_SKIPPED = {"step", "epoch", "elapsed", "time", "timestamp"}
+CURVE_SIZE = (8.0, 4.8)  # inches, at CURVE_DPI: PNGs of 800 x 480 pixels
+CURVE_DPI = 100
+
+
+def _skipped(key: str) -> bool:
+    return key in _SKIPPED or key.endswith(("_per_second", "_seconds", "/time"))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``<run_dir>/metrics.jsonl``. A truncated last line (a run killed mid-write) is ignored; any
+    other unreadable line, or a folder without the file, is a ``ConfigError`` naming it."""
+    from ..errors import ConfigError
+
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: no such run folder")
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no metrics.jsonl in this folder (is it a training run's --output-dir?)")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows: list[dict[str, Any]] = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines):
+                break
+            raise ConfigError(f"{path}:{i}: not a JSON object ({e.msg})") from None
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _series(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:
+    """key -> (steps, values) for every numeric key (bools excluded); non-finite values become gaps (NaN)."""
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    for n, row in enumerate(rows):
+        step = row.get("step", n)
+        if not isinstance(step, (int, float)) or isinstance(step, bool):
+            continue
+        for k, v in row.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            xs, ys = out.setdefault(k, ([], []))
+            xs.append(float(step))
+            ys.append(float(v) if math.isfinite(v) else math.nan)
+    return out
+
+
+def _run_labels(run_dirs: Sequence[Path]) -> list[str]:
+    names = [p.resolve().name or str(p) for p in run_dirs]
+    return [str(p) if names.count(n) > 1 else n for p, n in zip(run_dirs, names)]
+
+
+def plot_training_curves(run_dirs: Sequence[str | Path], output_dir: str | Path,
+                         keys: Sequence[str] | None = None) -> list[Path]:
+    """One PNG per metric group present in the runs' ``metrics.jsonl`` (see ``CURVE_GROUPS``; any other numeric
+    key, e.g. SFT's ``nll_per_token`` or PPO's ``kl``, gets its own figure, as do ``lr`` and ``grad_norm``), x = step,
+    several runs overlaid (legend = run folder name), evaluation rows (``eval/<key>``) dashed with markers.
+    Throughput keys (``*_per_second``) are skipped. ``keys`` (names without the ``eval/`` prefix) limits the plot
+    to those metrics; one no run has is a ``ConfigError``. Returns the written paths."""
+    from ..errors import ConfigError
+
+    if not run_dirs:
+        raise ConfigError("plot: give at least one run folder")
+    dirs = [Path(d) for d in run_dirs]
+    runs = [_series(read_metrics(d)) for d in dirs]
+    labels = _run_labels(dirs)
+
+    present: list[str] = []  # base keys (no eval/ prefix), in first-seen order
+    for series in runs:
+        for k in series:
+            base = k[len("eval/"):] if k.startswith("eval/") else k
+            if not _skipped(base) and base not in present:
+                present.append(base)
+    if keys is not None:
+        wanted = [k.strip() for k in keys if k.strip()]
+        missing = [k for k in wanted if k not in present]
+        if missing:
+            raise ConfigError(f"plot: no run has the metric(s) {', '.join(missing)} "
+                              f"(present: {', '.join(present) or 'none'})")
+        present = [k for k in present if k in wanted]
+    if not present:
+        raise ConfigError(f"plot: no numeric metrics to plot in {', '.join(str(d) for d in dirs)}")
+
+    figures: list[tuple[str, str, list[str]]] = []
+    grouped: set[str] = set()
+    for stem, title, group in CURVE_GROUPS:
+        members = [k for k in group if k in present]
+        if members:
+            figures.append((stem, title, members))
+            grouped.update(members)
+    for k in present:
+        if k not in grouped:
+            figures.append((re.sub(r"[^A-Za-z0-9_.-]+", "_", k), k, [k]))
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    written: list[Path] = []
+    for stem, title, members in figures:
+        fig, ax = plt.subplots(figsize=CURVE_SIZE, dpi=CURVE_DPI)
+        for r, (series, label) in enumerate(zip(runs, labels)):
+            for m, key in enumerate(members):
+                color = colors[(r * len(members) + m) % len(colors)]
+                name = label if len(members) == 1 else f"{label}: {key}"
+                if key in series:
+                    xs, ys = series[key]
+                    ax.plot(xs, ys, linestyle="-", color=color, linewidth=1.4, label=name)
+                if f"eval/{key}" in series:
+                    xs, ys = series[f"eval/{key}"]
+                    ax.plot(xs, ys, linestyle="--", marker="o", markersize=4, color=color, linewidth=1.2,
+                            label=f"{name} (eval)")
+        ax.set_xlabel("step")
+        ax.set_ylabel(members[0] if len(members) == 1 else title)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{stem}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+__all__ = ["CURVE_GROUPS", "plot_reward_vs_kl", "plot_training_curves", "read_metrics"]

@@ -43,11 +43,12 @@ class DPO:
     unit = "pairs"
 
     def __init__(self, loss: str, beta: float, reference: ReferenceFn, *, label_smoothing: float = 0.0,
-                 nll_weight: float = 0.0, logps_fn: LogpsFn = forward_logps):
+                 nll_weight: float = 0.0, simpo_gamma: float = 0.5, logps_fn: LogpsFn = forward_logps):
         self.logps_fn = logps_fn  # how ResponseLogps are computed (plain or a fast path; same numbers)
         self.loss_name, self.loss_fn = loss, L.get_loss(loss)
         self.beta, self.label_smoothing, self.nll_weight = beta, label_smoothing, nll_weight
         self.reference = reference
+        self.loss_kwargs = {"gamma": simpo_gamma} if loss == "simpo" else {}
 
     def step(self, model: torch.nn.Module, batch: dict) -> StepResult:
         k = batch["num_responses"]
@@ -66,7 +67,7 @@ class DPO:
             losses, chosen_r, rejected_r = self.loss_fn(
                 policy.sum[:, 0], policy.sum[:, 1], ref[:, 0], ref[:, 1], beta=self.beta,
                 label_smoothing=self.label_smoothing, chosen_lengths=policy.count[:, 0],
-                rejected_lengths=policy.count[:, 1])
+                rejected_lengths=policy.count[:, 1], **self.loss_kwargs)
         if self.nll_weight:
             losses = losses + self.nll_weight * L.chosen_nll(policy.sum[:, 0], policy.count[:, 0])
         extra = {}
@@ -177,7 +178,7 @@ def reference_source(cfg: DPOConfig) -> str:
     A separate frozen model is loaded only for "ref_model" and "copy"; "initial_policy" is the precomputed pass
     over the policy before its first update, and "adapters" needs no second copy of the weights either.
     """
-    if cfg.reference_free:
+    if cfg.reference_free or cfg.loss in L.REFERENCE_FREE_LOSSES:
         return "none"
     if cfg.ref_model:
         return "ref_model"
@@ -298,7 +299,7 @@ def train_dpo(cfg: DPOConfig, accelerator: Accelerator | None = None) -> dict[st
         run.reference = None  # the frozen copy is no longer needed: free its memory
 
     method = DPO(cfg.loss, cfg.beta, reference, label_smoothing=cfg.label_smoothing, nll_weight=cfg.nll_weight,
-                 logps_fn=logps_fn)
+                 simpo_gamma=cfg.simpo_gamma, logps_fn=logps_fn)
     return train(cfg, model=policy, method=method, train_items=run.train_items, collate=collate,
                  eval_items=run.eval_items or None, accelerator=accelerator,
                  save_final=lambda out: save_model_and_tokenizer(accelerator.unwrap_model(policy), tokenizer, out),
