@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
-from .models import decoder_of, evaluating, unwrap_model
+from .models import decoder_of, evaluating, forward_accepts, unwrap_model
 
 
 @dataclass
@@ -83,16 +83,6 @@ def full_logits_logps(model: torch.nn.Module, batch: dict) -> ResponseLogps:
     return masked_sequence_logps(out.logits, batch["input_ids"], batch["loss_mask"])
 
 
-@functools.lru_cache(maxsize=None)
-def _accepts_logits_to_keep(cls: type) -> bool:
-    import inspect
-
-    try:
-        return "logits_to_keep" in inspect.signature(cls.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 _HEAD_CHECKS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
@@ -100,7 +90,7 @@ def head_at_selected_positions(base: torch.nn.Module) -> bool:
     """Can the log-probs apply the LM head to chosen hidden states only? Needs a decoder, an output embedding and
     ``logits_to_keep``, and -- checked once per model on a 3-token input -- head(decoder output) must reproduce the
     model's own logits (some architectures scale or post-process logits in ways only their forward knows)."""
-    if not _accepts_logits_to_keep(type(base)) or base.get_output_embeddings() is None:
+    if not forward_accepts(type(base), "logits_to_keep") or base.get_output_embeddings() is None:
         return False
     ok = _HEAD_CHECKS.get(base)
     if ok is None:

@@ -10,6 +10,7 @@ make frozen reference models (a copy, or the LoRA base with adapters off), finge
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import warnings
@@ -207,6 +208,17 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
         else:
             break
     return model
+
+
+@functools.lru_cache(maxsize=None)
+def forward_accepts(cls: type, name: str) -> bool:
+    """Does ``cls.forward`` take a parameter called ``name`` (e.g. ``logits_to_keep``, ``position_ids``)?"""
+    import inspect
+
+    try:
+        return name in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def decoder_of(base: torch.nn.Module) -> torch.nn.Module:

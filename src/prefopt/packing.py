@@ -314,16 +314,6 @@ def _mask_building(decoder_cls: type) -> tuple[str, str]:
     return "unknown", f"{decoder_cls.__name__} builds masks prefopt does not know ({', '.join(sorted(builders))})"
 
 
-@functools.lru_cache(maxsize=None)
-def _takes_position_ids(cls: type) -> bool:
-    import inspect
-
-    try:
-        return "position_ids" in inspect.signature(cls.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 _MODULE_SCAN: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
 
 
@@ -359,7 +349,7 @@ def check_layout_support(model: torch.nn.Module, layout: str | None = None) -> L
     and a sliding window under FlashAttention (whose kernel applies the window itself: unverified here) or under an
     attention implementation prefopt does not know.
     """
-    from .models import decoder_of, unwrap_model
+    from .models import decoder_of, forward_accepts, unwrap_model
 
     base = unwrap_model(model)
     cfg = getattr(base, "config", None)
@@ -373,7 +363,7 @@ def check_layout_support(model: torch.nn.Module, layout: str | None = None) -> L
                             "the row rather than from position ids, so they would run across packed sequences")
     if not getattr(cfg, "is_causal", True) or getattr(cfg, "use_bidirectional_attention", False):
         raise _refuse(base, "its attention is bidirectional (not causal)")
-    if not _takes_position_ids(type(base)):
+    if not forward_accepts(type(base), "position_ids"):
         raise _refuse(base, "its forward takes no position_ids, so positions cannot restart per sequence")
     hybrid = [k for k in _HYBRID_CONFIG_KEYS if getattr(cfg, k, None)]
     if hybrid:
