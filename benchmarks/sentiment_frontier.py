@@ -23,7 +23,9 @@ Reported (``<out>/frontier.json`` and ``<out>/frontier.md``, plus every seed's o
 * mean training wall time per method and setting;
 * pair accuracy on held-out pairs (best vs worst of pi_SFT's samples for the evaluation prefixes, by the
   ground-truth reward) of each DPO policy's implicit reward beta (log pi - log pi_SFT) (``prefopt.score``) and of
-  the explicit reward model used by PPO-RM.
+  the explicit reward model used by PPO-RM;
+* win rate of every policy against pi_SFT at sampling temperatures 0.25-1 (the paper's temperature figure),
+  judged by the ground-truth classifier, per seed (``win_rate_vs_temperature_seed<k>.png`` beside the report).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -45,12 +48,12 @@ FULL = dict(size="small", num_prompts=800, samples_per_prompt=4, eval_prompts=50
             max_new_tokens=48, sft_epochs=3, sft_lr=1e-3, betas=[0.05, 0.1, 0.25, 0.5, 1.0], dpo_lr=5e-5,
             dpo_batch_size=16, dpo_epochs=3, kl_coefs=[0.02, 0.05, 0.1, 0.2], ppo_steps=60, ppo_lr=1e-5,
             ppo_rollout_batch_size=64, ppo_batch_size=16, ppo_epochs=4, rm_epochs=2, best_of_n=[2, 4, 16, 64],
-            generation_batch_size=128)
+            generation_batch_size=128, temperature_prompts=200)
 QUICK = dict(size="tiny", num_prompts=128, samples_per_prompt=4, eval_prompts=64, eval_samples=2,
              max_new_tokens=32, sft_steps=150, sft_lr=3e-3, betas=[0.1, 0.5], dpo_lr=5e-4, dpo_batch_size=16,
              dpo_steps=30, kl_coefs=[0.05, 0.2], ppo_steps=6, ppo_lr=5e-5, ppo_rollout_batch_size=32,
              ppo_batch_size=16, ppo_epochs=2, rm_epochs=2, rm_lr=3e-4, best_of_n=[4, 16], generation_batch_size=128,
-             max_length=96)
+             max_length=96, temperature_prompts=64, temperature_samples=1)
 
 
 def heldout_pairs(seed_dir: Path) -> list[Any]:
@@ -138,6 +141,8 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"- seed {seed} ({acc.get('heldout_pairs', 0)} pairs): " + ", ".join(parts))
     for seed, info in summary["reward"].items():
         lines.append(f"- seed {seed} ground truth: {info}")
+    for seed, table in summary.get("temperatures", {}).items():
+        lines += ["", f"Seed {seed}: " + table["markdown"].split("\n", 2)[2].strip()]
     return "\n".join(lines) + "\n"
 
 
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir or ("runs/sentiment_frontier_quick" if args.quick else "runs/sentiment_frontier"))
     methods = args.methods.split(",")
     started = time.perf_counter()
-    points, accuracy, reward_info = [], {}, {}
+    points, accuracy, reward_info, temperatures = [], {}, {}, {}
     for seed in seeds:
         cfg = SentimentConfig(output_dir=str(out / f"seed{seed}"), data=args.data, seed=seed, methods=methods,
                               progress=False, **budget)  # type: ignore[arg-type]
@@ -185,12 +190,18 @@ def main(argv: list[str] | None = None) -> int:
             points.append({**row, "seed": seed})
         reward_info[seed] = {k: v for k, v in result["meta"].items() if "classifier" in k or k == "reward"}
         accuracy[seed] = pair_accuracies(out / f"seed{seed}", cfg.betas, "ppo-rm" in methods)
+        if result.get("temperatures"):
+            paths = result["temperatures"]
+            temperatures[seed] = {"table": json.loads(Path(paths["json"]).read_text()),
+                                  "markdown": Path(paths["markdown"]).read_text()}
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(paths["plot"], out / f"win_rate_vs_temperature_seed{seed}.png")
     summary = {"seeds": seeds, "data": args.data,
                "budget": ("quick" if args.quick else "full") + (" with " + ", ".join(args.set) if args.set else ""),
                "config": budget,
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "seconds": time.perf_counter() - started, "points": points, "kl_bins": kl_bins(points),
-               "accuracy": accuracy, "reward": reward_info}
+               "accuracy": accuracy, "reward": reward_info, "temperatures": temperatures}
     return write_outputs(summary, out)
 
 
@@ -216,7 +227,8 @@ def merge(dirs: list[Path], out: Path) -> int:
                "budget": parts[0]["budget"], "config": parts[0]["config"], "device": parts[0]["device"],
                "seconds": max(s["seconds"] for s in parts), "points": points, "kl_bins": kl_bins(points),
                "accuracy": {k: v for s in parts for k, v in s["accuracy"].items()},
-               "reward": {k: v for s in parts for k, v in s["reward"].items()}}
+               "reward": {k: v for s in parts for k, v in s["reward"].items()},
+               "temperatures": {k: v for s in parts for k, v in s.get("temperatures", {}).items()}}
     return write_outputs(summary, out)
 
 

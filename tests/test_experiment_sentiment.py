@@ -62,6 +62,19 @@ def test_table_json_markdown_and_plot(experiment):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_temperature_table_has_every_policy_and_temperature(experiment):
+    table = json.loads((experiment / "report" / "temperatures.json").read_text())
+    rows = json.loads((experiment / "report" / "results.json").read_text())["rows"]
+    assert [(r["method"], r["setting"]) for r in table["rows"]] == [(r["method"], r["setting"]) for r in rows]
+    for row in table["rows"]:
+        assert [p["temperature"] for p in row["per_temperature"]] == [0.25, 0.5, 0.75, 1.0]
+        assert all(p["pairs"] == 8 and p["wins"] + p["ties"] + p["losses"] == 8 for p in row["per_temperature"])
+    for stage in ("temperatures-baseline", "temperatures-sft", "temperatures-dpo-beta0.1", "temperatures-ppo-rm-kl0.1",
+                  "temperatures-ppo-gt-kl0.1", "temperatures-best-of-n"):
+        assert (experiment / stage / "done").is_file(), stage
+    assert (experiment / "report" / "win_rate_vs_temperature.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_eval_samples_carry_their_log_probs(experiment):
     rows = [json.loads(x) for x in (experiment / "eval-dpo-beta0.1" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 16
@@ -83,7 +96,8 @@ def test_rerun_skips_finished_stages_and_reruns_only_what_changed(experiment, ca
     assert main(["experiment", "sentiment", "--output-dir", str(experiment), *args]) == 0
     out = capsys.readouterr().out
     assert "[dpo-beta0.2] running" in out and "[eval-dpo-beta0.2] running" in out
-    assert out.count("] running") == 2
+    assert "[temperatures-dpo-beta0.2] running" in out  # the temperature figure samples only the new policy
+    assert out.count("] running") == 3
     assert all((experiment / s / "done").read_text() == markers[s] for s in STAGES)
     rows = json.loads((experiment / "report" / "results.json").read_text())["rows"]
     assert [r["setting"] for r in rows if r["method"] == "dpo"] == ["β=0.1", "β=0.5", "β=0.2"]

@@ -242,7 +242,7 @@ def test_rewards_detached_losses_differentiable(name):
     assert loss.shape == (2,) and rc.shape == (2,) and rr.shape == (2,)
     assert loss.requires_grad and not rc.requires_grad and not rr.requires_grad
     loss.sum().backward()
-    assert pc.grad is not None and pr.grad is not None
+    assert pc.grad is not None and (pr.grad is not None or name == "sft")  # sft reads only the chosen response
 
 
 def test_sigmoid_gradient_matches_paper_weight():
@@ -263,8 +263,9 @@ def test_chosen_nll_and_reference_free():
 def test_registry():
     assert set(loss_names()) == {"sigmoid", "cdpo", "robust", "ipo", "ipo_per_token", "hinge", "exo_pair",
                                  "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm",
-                                 "simpo", "orpo", "plackett_luce"}
-    assert L.REFERENCE_FREE_LOSSES == {"simpo", "orpo"} and L.REFERENCE_FREE_LOSSES < set(L.PAIRWISE_LOSSES)
+                                 "simpo", "orpo", "bco_pair", "aot", "aot_pair", "sft", "plackett_luce"}
+    assert L.REFERENCE_FREE_LOSSES == {"simpo", "orpo", "sft"} and L.REFERENCE_FREE_LOSSES < set(L.PAIRWISE_LOSSES)
+    assert L.BATCH_COUPLED_LOSSES == {"aot", "aot_pair"}
     assert "plackett_luce" not in L.PAIRWISE_LOSSES and set(L.PAIRWISE_LOSSES) < set(L.LOSSES)
     for name in loss_names():
         assert get_loss(name) is L.LOSSES[name]

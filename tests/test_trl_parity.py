@@ -39,7 +39,8 @@ Loss correspondences: prefopt ``sigmoid``/``robust``/``hinge`` = TRL ``sigmoid``
 prefopt ``ipo_per_token`` = TRL ``ipo`` (TRL divides each log-ratio by its completion length); prefopt
 ``exo_pair``/``nca_pair``/``sppo_hard``/``apo_zero``/``apo_down``/``discopop``/``sigmoid_norm`` = the TRL loss of
 the same name (``exo_pair``'s epsilon is ``label_smoothing`` on both sides; prefopt's 0 means 1e-3, TRL's 0 is
-refused). Every TRL loss reports rewards beta * (pi - ref) on summed log-probs, as prefopt does. TRL 1.16's
+refused); prefopt ``bco_pair`` at reward shift 0 = TRL ``bco_pair`` (which keeps no shift); prefopt ``aot`` /
+``aot_pair`` = TRL ``aot`` / ``aot_unpaired`` (see ``FAMILY_CASES``). Every TRL loss reports rewards beta * (pi - ref) on summed log-probs, as prefopt does. TRL 1.16's
 ``sigmoid`` ignores ``label_smoothing``, so conservative DPO (prefopt ``cdpo``) has no direct TRL loss; on a
 single pair TRL's ``aot``/``aot_unpaired`` (which sort log-ratios across the batch, a no-op for one pair)
 reduce exactly to the cDPO formula and are used for it.
@@ -62,7 +63,8 @@ datasets = pytest.importorskip("datasets")
 from prefopt.data import tokenize_examples  # noqa: E402
 from prefopt.data.types import PreferenceExample  # noqa: E402
 from prefopt.models import init_model, load_model, load_tokenizer  # noqa: E402
-from prefopt.train.dpo import DPO, live_reference, make_collate  # noqa: E402
+from prefopt.logprobs import forward_logps  # noqa: E402
+from prefopt.train.dpo import DPO, ld_logps_fn, live_reference, make_collate  # noqa: E402
 
 # Prompts end without whitespace and every completion starts with a space, so byte-level BPE cannot merge
 # tokens across the prompt/completion join (see the module docstring). Lengths differ, so batches are padded.
@@ -101,6 +103,9 @@ CASES = [
     ("discopop", "discopop", "discopop", 0.5, 0.0),
     # both divide each log-ratio by its completion token count (TRL: completion_mask sums, prefopt: lengths)
     ("sigmoid_norm", "sigmoid_norm", "sigmoid_norm", 0.5, 0.0),
+    # TRL 1.16's bco_pair keeps no running reward shift: prefopt's with delta = 0, its value before the first step
+    # (the shift itself is state of the DPO method, tested in test_losses_family.py)
+    ("bco_pair", "bco_pair", "bco_pair", 0.5, 0.0),
 ]
 
 
@@ -146,7 +151,7 @@ def make_trainer(tmp_path_factory, policy, reference, tokenizer):
     """DPOTrainer factory (cached per config) over deep copies of the policy and reference."""
     cache: dict = {}
 
-    def build(loss_type: str, beta: float, label_smoothing: float, rows, tok):
+    def build(loss_type, beta: float, label_smoothing: float, rows, tok, extra: dict):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. transformers 5 renaming gradient_checkpointing
             args = trl.DPOConfig(
@@ -154,7 +159,8 @@ def make_trainer(tmp_path_factory, policy, reference, tokenizer):
                 bf16=False, fp16=False,  # DPOConfig defaults bf16 to True
                 gradient_checkpointing=False,  # DPOConfig defaults it to True
                 per_device_train_batch_size=len(rows), max_length=None, disable_dropout=True,
-                loss_type=[loss_type], beta=beta, label_smoothing=label_smoothing, seed=0,
+                loss_type=[loss_type] if isinstance(loss_type, str) else list(loss_type), beta=beta,
+                label_smoothing=label_smoothing, seed=0, **extra,
             )
             trainer = trl.DPOTrainer(
                 model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
@@ -162,12 +168,15 @@ def make_trainer(tmp_path_factory, policy, reference, tokenizer):
         assert not trainer.args.bf16 and not trainer.args.gradient_checkpointing
         return trainer
 
-    def make(loss_type: str, beta: float, label_smoothing: float = 0.0, *, rows=ROWS, tok=None):
+    def make(loss_type, beta: float, label_smoothing: float = 0.0, *, rows=ROWS, tok=None, **extra):
+        """``loss_type``: a TRL loss name or a list of them; ``extra``: more DPOConfig fields (loss_weights,
+        use_weighting, ld_alpha)."""
         if rows is not ROWS or tok is not None:  # only trainers over the default rows and tokenizer are cached
-            return build(loss_type, beta, label_smoothing, rows, tok or tokenizer)
-        key = (loss_type, beta, label_smoothing)
+            return build(loss_type, beta, label_smoothing, rows, tok or tokenizer, extra)
+        key = (tuple([loss_type] if isinstance(loss_type, str) else loss_type), beta, label_smoothing,
+               repr(sorted(extra.items())))
         if key not in cache:
-            cache[key] = build(loss_type, beta, label_smoothing, rows, tokenizer)
+            cache[key] = build(loss_type, beta, label_smoothing, rows, tokenizer, extra)
         return cache[key]
 
     return make
@@ -176,12 +185,23 @@ def make_trainer(tmp_path_factory, policy, reference, tokenizer):
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def prefopt_step(loss: str, beta: float, label_smoothing: float, policy, reference, items, tokenizer):
-    """Per-example losses and metrics ([B] tensors) from prefopt's DPO method on one padded batch."""
+def prefopt_step(loss: str, beta: float, label_smoothing: float, policy, reference, items, tokenizer, **opts):
+    """Per-example losses and metrics ([B] tensors) from prefopt's DPO method on one padded batch. ``opts``: the
+    DPO method's options (loss_weights, wpo, ld_alpha; with ld_alpha the reference gets LD-DPO's log-probs too,
+    as train_dpo wires it)."""
     batch = make_collate(tokenizer.pad_token_id)(items)
+    logps_fn = ld_logps_fn(opts["ld_alpha"]) if opts.get("ld_alpha") is not None else forward_logps
     with torch.no_grad():
-        res = DPO(loss, beta, live_reference(reference), label_smoothing=label_smoothing).step(policy, batch)
+        res = DPO(loss, beta, live_reference(reference, logps_fn), label_smoothing=label_smoothing,
+                  logps_fn=logps_fn, **opts).step(policy, batch)
     return {"loss": res.losses.detach(), **{k: v.detach() for k, v in res.metrics.items()}}
+
+
+def prefopt_one_at_a_time(loss: str, beta: float, label_smoothing: float, policy, reference, items, tokenizer,
+                          **opts):
+    """Per-example values with each example as a batch of one (what TRL's one-row batches are compared with)."""
+    per = [prefopt_step(loss, beta, label_smoothing, policy, reference, [ex], tokenizer, **opts) for ex in items]
+    return {k: torch.cat([p[k] for p in per]) for k in per[0]}
 
 
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -360,3 +380,91 @@ def test_exo_pair_eps0_is_trl_eps_1e3(policy, reference, items, tokenizer, make_
     close(ours["loss"], theirs["loss"], "exo_pair eps 0 vs TRL eps 1e-3")
     with pytest.raises(ValueError, match="exo_pair"):
         make_trainer("exo_pair", 0.5, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------ the wider family
+
+# (case id, prefopt loss, prefopt DPO options, TRL loss_type list, TRL DPOConfig options, beta, label_smoothing)
+FAMILY_CASES = [
+    # aot / aot_pair sort log-ratios across the batch: per example they are compared on batches of one (the sort is
+    # the identity there), on the whole batch by their mean (a sum over sorted positions does not depend on the
+    # order of the examples). TRL 1.16 calls aot_pair "aot_unpaired".
+    ("aot", "aot", {}, ["aot"], {}, 0.5, 0.0),
+    ("aot_eps0.2", "aot", {}, ["aot"], {}, 0.5, 0.2),
+    ("aot_pair", "aot_pair", {}, ["aot_unpaired"], {}, 0.5, 0.0),
+    ("aot_pair_eps0.2", "aot_pair", {}, ["aot_unpaired"], {}, 0.5, 0.2),
+    # weighted lists: TRL's batch loss is sum_k w_k mean(loss_k), prefopt's per-example sum_k w_k loss_k
+    ("sigmoid+bco_pair", "sigmoid,bco_pair", {"loss_weights": [0.7, 0.3]}, ["sigmoid", "bco_pair"],
+     {"loss_weights": [0.7, 0.3]}, 0.5, 0.0),
+    # TRL's MPO recipe; TRL's sft part is a mean over the chosen tokens of the batch (see test_sft_in_a_list_...)
+    ("mpo", "sigmoid,bco_pair,sft", {"loss_weights": [0.8, 0.2, 1.0]}, ["sigmoid", "bco_pair", "sft"],
+     {"loss_weights": [0.8, 0.2, 1.0]}, 0.5, 0.0),
+    # WPO = TRL use_weighting; LD-DPO = TRL ld_alpha (TRL applies it to the policy and the reference, as prefopt)
+    ("wpo", "sigmoid", {"wpo": True}, ["sigmoid"], {"use_weighting": True}, 0.5, 0.0),
+    ("ld_alpha", "sigmoid", {"ld_alpha": 0.5}, ["sigmoid"], {"ld_alpha": 0.5}, 0.5, 0.0),
+    ("ld_wpo_ipo", "ipo_per_token", {"ld_alpha": 0.3, "wpo": True}, ["ipo"], {"ld_alpha": 0.3, "use_weighting": True},
+     0.5, 0.0),
+    ("wpo_mpo", "sigmoid,bco_pair,sft", {"loss_weights": [0.8, 0.2, 1.0], "wpo": True},
+     ["sigmoid", "bco_pair", "sft"], {"loss_weights": [0.8, 0.2, 1.0], "use_weighting": True}, 0.5, 0.0),
+]
+FAMILY_IDS = [c[0] for c in FAMILY_CASES]
+KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+        "logps/rejected")
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES, ids=FAMILY_IDS)
+def test_family_matches_trl_per_example(case, policy, reference, items, tokenizer, make_trainer):
+    name, loss, opts, trl_losses, trl_opts, beta, eps = case
+    ours = prefopt_one_at_a_time(loss, beta, eps, policy, reference, items, tokenizer, **opts)
+    theirs = trl_single_rows(make_trainer(trl_losses, beta, eps, **trl_opts))
+    for key in KEYS:
+        close(ours[key], theirs[key], f"{name} {key}")
+
+
+# TRL 1.16 cannot run sft with use_weighting on a batch of more than one pair (its sft part is an expanded scalar
+# that the weighting then multiplies in place: test_trl_wpo_with_sft_fails_on_a_batch), so wpo_mpo is compared per
+# example only.
+WHOLE_BATCH_CASES = [c for c in FAMILY_CASES if c[0] != "wpo_mpo"]
+
+
+@pytest.mark.parametrize("case", WHOLE_BATCH_CASES, ids=[c[0] for c in WHOLE_BATCH_CASES])
+def test_family_matches_trl_on_a_whole_batch(case, policy, reference, items, tokenizer, make_trainer):
+    name, loss, opts, trl_losses, trl_opts, beta, eps = case
+    ours = prefopt_step(loss, beta, eps, policy, reference, items, tokenizer, **opts)
+    theirs = trl_whole_batch(make_trainer(trl_losses, beta, eps, **trl_opts))
+    expected_loss = ours["loss"].mean()
+    if "sft" in trl_losses:
+        # TRL's sft part: -sum of chosen token log-probs / number of chosen tokens over the whole batch (times the
+        # pair's WPO weight); prefopt's: each example's per-token NLL. Swap ours for TRL's to compare the rest.
+        w = opts["loss_weights"][trl_losses.index("sft")]
+        counts = torch.tensor([float(len(ex.response_ids[0])) for ex in items], dtype=torch.float64)
+        token_mean = -ours["logps/chosen"].double().sum() / counts.sum()
+        expected_loss = expected_loss.double() - w * ours["loss/sft"].double().mean() + w * token_mean
+    close(expected_loss, theirs["loss"], f"{name} mean loss")
+    for key in KEYS[1:]:
+        close(ours[key].mean(), theirs[key], f"{name} mean {key}")
+
+
+def test_trl_wpo_with_sft_fails_on_a_batch(make_trainer):
+    """Pinned so that the wpo_mpo whole-batch comparison is added once TRL can run it."""
+    trainer = make_trainer(["sigmoid", "sft"], 0.5, loss_weights=[1.0, 1.0], use_weighting=True)
+    batch = next(iter(trainer.get_train_dataloader()))
+    with pytest.raises(RuntimeError, match="memory location"), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.compute_loss(trainer.model, batch)
+
+
+def test_batch_coupled_losses_really_couple(policy, reference, items, tokenizer):
+    """Guard for the aot cases: on the whole batch the per-example values are not those of one-row batches."""
+    for loss in ("aot", "aot_pair"):
+        whole = prefopt_step(loss, 0.5, 0.0, policy, reference, items, tokenizer)["loss"]
+        single = prefopt_one_at_a_time(loss, 0.5, 0.0, policy, reference, items, tokenizer)["loss"]
+        assert (whole - single).abs().max() > 1e-3
+
+
+def test_modifiers_really_change_the_loss(policy, reference, items, tokenizer):
+    """Guard for the wpo / ld_alpha cases: each modifier moves the loss away from plain DPO's."""
+    plain = prefopt_step("sigmoid", 0.5, 0.0, policy, reference, items, tokenizer)
+    for opts in ({"wpo": True}, {"ld_alpha": 0.5}):
+        other = prefopt_step("sigmoid", 0.5, 0.0, policy, reference, items, tokenizer, **opts)
+        assert (other["loss"] - plain["loss"]).abs().max() > 1e-3

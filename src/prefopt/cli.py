@@ -16,8 +16,10 @@ from typing import Any, Callable, Sequence
 
 from .config import (
     DPOConfig,
+    EvalConfig,
     GenerateConfig,
     InspectConfig,
+    KTOConfig,
     LabelConfig,
     PPOConfig,
     RMConfig,
@@ -57,6 +59,8 @@ COMMANDS: tuple[Command, ...] = (
             "supervised fine-tuning on prompt/response, conversation or text data",
             "Supervised fine-tuning: NLL of the response tokens (prompt tokens masked). "
             "--from-preferences trains on the chosen responses of preference data."),
+    Command("kto", KTOConfig, "prefopt.train.kto:train_kto",
+            "train with KTO on unpaired feedback: {prompt, completion, label: true|false} rows, or pairs"),
     Command("rm", RMConfig, "prefopt.train.rm:train_rm",
             "train a Bradley-Terry reward model on preference pairs",
             "Train a reward model (a scalar head on a causal LM) with "
@@ -73,6 +77,9 @@ COMMANDS: tuple[Command, ...] = (
             "score samples with a reward function or model and write preference pairs or rankings"),
     Command("score", ScoreConfig, "prefopt.score:run_score",
             "implicit rewards beta*(log pi - log pi_ref) of a DPO model, pair accuracy, optional RM comparison"),
+    Command("eval", EvalConfig, "prefopt.eval.run:run_eval",
+            "win rates against a baseline judged pairwise (reward model, implicit reward, function or LLM) at "
+            "several sampling temperatures, with intervals, a plot and an HTML report"),
     Command("experiment sentiment", SentimentConfig, "prefopt.experiments.sentiment:run_sentiment",
             "controlled sentiment generation: reward vs KL for DPO, PPO, Best-of-N",
             " ".join((SentimentConfig.__doc__ or "").split()) + " Stages are resumable: a rerun skips finished "

@@ -92,10 +92,21 @@ def head_at_selected_positions(base: torch.nn.Module) -> bool:
     model's own logits (some architectures scale or post-process logits in ways only their forward knows)."""
     if not forward_accepts(type(base), "logits_to_keep") or base.get_output_embeddings() is None:
         return False
+    if _fsdp_sharded(base):  # FSDP gathers and frees weights in hooks around each sharded module's own forward:
+        return False  # the head applied outside the model's forward breaks that bookkeeping (a crash on CPU)
     ok = _HEAD_CHECKS.get(base)
     if ok is None:
         ok = _HEAD_CHECKS[base] = _head_reproduces_logits(base)
     return ok
+
+
+def _fsdp_sharded(base: torch.nn.Module) -> bool:
+    """The model is sharded by FSDP2 (``fully_shard``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(base, FSDPModule)
 
 
 def _head_reproduces_logits(base: torch.nn.Module) -> bool:

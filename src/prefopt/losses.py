@@ -13,11 +13,23 @@ or ``robust`` for the two label-noise variants (``exo_pair`` reads it as EXO's e
 Losses that need a hyper-parameter besides beta take it as a keyword argument with TRL 1.16's default
 (``discopop``'s ``tau``); ``exo_pair`` reads ``label_smoothing`` as its epsilon (see its docstring).
 
-Not here because they couple the examples of a batch: TRL's ``aot``/``aot_unpaired`` sort log-ratios across the
-batch (a per-example loss would then depend on the micro-batch split, which breaks exact gradient accumulation),
-and ``bco_pair`` needs a running reward mean (state across steps).
+Two kinds of loss reach beyond one example, and say so in their docstrings: ``aot`` and ``aot_pair`` sort
+log-ratios across the examples they are given (the micro-batch: their update depends on ``micro_batch_size``,
+so exact gradient accumulation needs micro_batch_size = batch_size), and ``bco_pair`` shifts its rewards by a
+running reward mean ``delta`` that the caller keeps (``prefopt.train.dpo.RewardShift``) and passes in; the
+function itself stays pure.
 
-Reference-free losses (:data:`REFERENCE_FREE_LOSSES`: ``simpo``, ``orpo``) read only the policy's log-probs
+Weighted combinations (``sigmoid,sft`` with weights 1.0, 0.2) are sums of registered losses:
+:func:`parse_loss_spec` reads them and :func:`combine` adds the parts. ``sft`` is the chosen response's
+per-token NLL as a loss of its own (for combinations; TRL's MPO recipe is ``sigmoid,bco_pair,sft``).
+
+Unpaired feedback (KTO: each completion labelled desirable or not, no pairs) has its own signature, :func:`kto`,
+with its KL reference point from :func:`kto_kl`; it is not in the pairwise registry (``prefopt kto`` runs it).
+
+Modifiers that change the log-probs a loss sees (they need per-token values, so they live beside the losses
+rather than in them): :func:`ld_token_weights` (LD-DPO) and :func:`wpo_weights` (WPO).
+
+Reference-free losses (:data:`REFERENCE_FREE_LOSSES`: ``simpo``, ``orpo``, ``sft``) read only the policy's log-probs
 (their reference arguments are ignored): a run with one loads no reference model and makes no reference pass.
 
 Reference-free DPO: pass zeros as the reference log-probs (an absent/uniform reference), e.g.
@@ -27,7 +39,7 @@ Reference-free DPO: pass zeros as the reference log-probs (an absent/uniform ref
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +48,9 @@ from torch import Tensor
 __all__ = [
     "LOSSES", "PAIRWISE_LOSSES", "PairwiseLoss", "ListwiseLoss", "get_loss", "loss_names",
     "sigmoid", "cdpo", "robust", "ipo", "ipo_per_token", "hinge", "exo_pair", "nca_pair", "sppo_hard",
-    "apo_zero", "apo_down", "discopop", "sigmoid_norm", "simpo", "orpo", "plackett_luce", "REFERENCE_FREE_LOSSES",
-    "chosen_nll", "reference_free",
+    "apo_zero", "apo_down", "discopop", "sigmoid_norm", "simpo", "orpo", "bco_pair", "aot", "aot_pair", "sft",
+    "plackett_luce", "REFERENCE_FREE_LOSSES", "BATCH_COUPLED_LOSSES", "chosen_nll", "reference_free",
+    "parse_loss_spec", "combine", "ld_token_weights", "wpo_weights", "kto", "kto_kl",
 ]
 
 
@@ -335,8 +348,88 @@ def orpo(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_c
     return -mc - beta * F.logsigmoid(log_odds), (beta * mc).detach(), (beta * mr).detach()
 
 
+@_register("bco_pair")
+def bco_pair(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
+             reference_rejected_logps: Tensor, *, beta: float, label_smoothing: float = 0.0,
+             chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
+             delta: float | Tensor = 0.0):
+    """BCO on pairs (Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment",
+    Eq. 7): the chosen response is a positive, the rejected one a negative of a logistic classifier whose logit
+    is the implicit reward shifted by delta:
+    loss = -log sigma(r_c - delta) - log sigma(-(r_r - delta)).
+
+    delta is the paper's reward shift, the running mean of (r_c + r_r) / 2 over the training so far; it is state
+    across steps, so the caller keeps it (``prefopt.train.dpo.RewardShift``) and passes it in (default 0, the
+    value before any step). TRL 1.16's ``bco_pair`` keeps no shift: it is this loss with delta = 0."""
+    _no_smoothing("bco_pair", label_smoothing)
+    _, rc, rr = _margin(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                        reference_rejected_logps, beta)
+    zc = beta * (policy_chosen_logps - reference_chosen_logps)
+    zr = beta * (policy_rejected_logps - reference_rejected_logps)
+    return -F.logsigmoid(zc - delta) - F.logsigmoid(-(zr - delta)), rc, rr
+
+
+def _sorted_cdpo(name: str, delta: Tensor, beta: float, eps: float) -> Tensor:
+    if not 0.0 <= eps <= 0.5:
+        raise ValueError(f"{name} label_smoothing must be in [0, 0.5], got {eps}")
+    return -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
+
+
+@_register("aot")
+def aot(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
+        reference_rejected_logps: Tensor, *, beta: float, label_smoothing: float = 0.0,
+        chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None):
+    """AOT for paired data (Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal
+    Transport"): first-order stochastic dominance of the policy's chosen-over-rejected log-ratio distribution
+    over the reference's, by one-dimensional optimal transport, i.e. matching sorted values. With
+    u = sort(pi_c - pi_r) and v = sort(ref_c - ref_r) over the batch, the i-th loss is cDPO on u_i - v_i:
+    loss_i = -(1 - eps) log sigma(beta (u_i - v_i)) - eps log sigma(-beta (u_i - v_i)), eps = label_smoothing.
+
+    Batch-coupled: loss_i belongs to the i-th quantile, not to example i (only the sum is meaningful); the sort
+    runs over the examples passed in, so a run's update depends on micro_batch_size. Rewards are the usual
+    per-example beta * (pi - ref). For one pair it is ``cdpo``."""
+    _, rc, rr = _margin(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                        reference_rejected_logps, beta)
+    u, _ = torch.sort(policy_chosen_logps - policy_rejected_logps, dim=0)
+    v, _ = torch.sort(reference_chosen_logps - reference_rejected_logps, dim=0)
+    return _sorted_cdpo("aot", u - v, beta, label_smoothing), rc, rr
+
+
+@_register("aot_pair")
+def aot_pair(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
+             reference_rejected_logps: Tensor, *, beta: float, label_smoothing: float = 0.0,
+             chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None):
+    """AOT for unpaired data (Melnyk et al. 2024): the distribution of chosen log-ratios must dominate that of
+    rejected ones, whichever prompt they came from. With a = sort(pi_c - ref_c) and b = sort(pi_r - ref_r) over
+    the batch: loss_i = -(1 - eps) log sigma(beta (a_i - b_i)) - eps log sigma(-beta (a_i - b_i)).
+
+    TRL 1.16 calls this ``aot_unpaired`` (earlier TRL releases called it ``aot_pair``). Batch-coupled like
+    ``aot`` (see there); for one pair it is ``cdpo``."""
+    _, rc, rr = _margin(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                        reference_rejected_logps, beta)
+    a, _ = torch.sort(policy_chosen_logps - reference_chosen_logps, dim=0)
+    b, _ = torch.sort(policy_rejected_logps - reference_rejected_logps, dim=0)
+    return _sorted_cdpo("aot_pair", a - b, beta, label_smoothing), rc, rr
+
+
+@_register("sft")
+def sft(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
+        reference_rejected_logps: Tensor, *, beta: float, label_smoothing: float = 0.0,
+        chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None):
+    """The chosen response's NLL per token, -pi_c / len_c, as a loss (the SFT term of a weighted combination such
+    as ``sigmoid,sft``; reference-free). Rewards beta * pi / len, as ``orpo``.
+
+    Per example: TRL's ``sft`` part averages over all chosen tokens of a batch instead, which is the same for one
+    example, or for chosen responses of equal length."""
+    _no_smoothing("sft", label_smoothing)
+    mc, mr = _mean_logps("sft", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                         reference_rejected_logps, beta, chosen_lengths, rejected_lengths)
+    return -mc, (beta * mc).detach(), (beta * mr).detach()
+
+
 PAIRWISE_LOSSES: tuple[str, ...] = tuple(LOSSES)
-REFERENCE_FREE_LOSSES: frozenset[str] = frozenset({"simpo", "orpo"})
+REFERENCE_FREE_LOSSES: frozenset[str] = frozenset({"simpo", "orpo", "sft"})
+BATCH_COUPLED_LOSSES: frozenset[str] = frozenset({"aot", "aot_pair"})
 
 
 @_register("plackett_luce")
@@ -377,3 +470,129 @@ def chosen_nll(policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
 def reference_free(logps: Tensor) -> Tensor:
     """Zero reference log-probs for reference-free DPO (an absent/uniform reference)."""
     return torch.zeros_like(logps).detach()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weighted combinations
+
+
+def parse_loss_spec(loss: str, weights: "Sequence[float | str] | None" = None) -> tuple[tuple[str, float], ...]:
+    """``"sigmoid,sft"`` and weights ``[1.0, 0.2]`` -> ``(("sigmoid", 1.0), ("sft", 0.2))``.
+
+    No weights: every part weighs 1. Names must be registered pairwise losses and appear once; there must be as
+    many weights as names, each finite and >= 0. ``plackett_luce`` (ranked data) does not combine. ValueError
+    otherwise."""
+    names = [n.strip() for n in str(loss).split(",")]
+    if not names or any(not n for n in names):
+        raise ValueError(f"loss {loss!r}: expected a name or comma-separated names such as 'sigmoid,sft'")
+    for n in names:
+        get_loss(n)
+    if len(set(names)) != len(names):
+        raise ValueError(f"loss {loss!r} names a loss twice; give each part once, with its weight")
+    if len(names) > 1 and "plackett_luce" in names:
+        raise ValueError("plackett_luce (ranked responses) cannot be combined with pairwise losses")
+    if weights is None or len(weights) == 0:
+        ws = [1.0] * len(names)
+    else:
+        try:
+            ws = [float(w) for w in weights]
+        except (TypeError, ValueError):
+            raise ValueError(f"loss_weights {list(weights)!r}: expected numbers") from None
+        if len(ws) != len(names):
+            raise ValueError(f"loss_weights has {len(ws)} values for {len(names)} losses ({', '.join(names)})")
+        if any(not (math.isfinite(w) and w >= 0) for w in ws):
+            raise ValueError(f"loss_weights {ws}: each must be a finite number >= 0")
+    return tuple(zip(names, ws))
+
+
+def combine(parts: "Sequence[tuple[str, float]]", policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+            reference_chosen_logps: Tensor, reference_rejected_logps: Tensor, *, beta: float,
+            kwargs: "dict[str, dict] | None" = None, **common) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """A weighted sum of pairwise losses: loss = sum_k w_k loss_k (per example, as TRL 1.16's loss lists, whose
+    batch loss is sum_k w_k mean(loss_k)). ``kwargs[name]`` holds a part's own keyword arguments (``simpo``'s
+    gamma, ``bco_pair``'s delta); ``common`` goes to every part (label_smoothing, lengths).
+
+    Returns (losses, rewards of the first part, ..., {name: that part's unweighted losses, detached})."""
+    kwargs = kwargs or {}
+    total, parts_out, rewards = None, {}, None
+    for name, weight in parts:
+        loss, rc, rr = get_loss(name)(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                      reference_rejected_logps, beta=beta, **common, **kwargs.get(name, {}))
+        parts_out[name] = loss.detach()
+        total = weight * loss if total is None else total + weight * loss
+        if rewards is None:
+            rewards = (rc, rr)
+    return total, rewards[0], rewards[1], parts_out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modifiers of the log-probs a loss sees
+
+
+def ld_token_weights(mask: Tensor, num_responses: int, alpha: float) -> Tensor:
+    """LD-DPO (Liu et al. 2024, "Length Desensitization in Direct Preference Optimization", Eq. 9): the weight of
+    each response token in its response's summed log-prob. The first min(len_c, len_r) response tokens of both
+    responses of a pair weigh 1, the tokens past the shorter response's length weigh alpha, so
+    log pi = shared + alpha * tail.
+
+    mask: [K*B, T] response-token flags (response-major rows, as the collate functions make them: row k*B + b is
+    response k of example b), K = 2. Returns float weights [K*B, T] (0 off the response)."""
+    if num_responses != 2:
+        raise ValueError(f"LD-DPO weighs the tokens of a pair; got {num_responses} responses per example")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"ld_alpha must be in [0, 1], got {alpha}")
+    mask = mask.bool()
+    pos = mask.long().cumsum(-1)  # 1-based position within the response
+    lengths = mask.sum(-1).view(2, -1)
+    shared = torch.minimum(lengths[0], lengths[1]).repeat(2).unsqueeze(-1)
+    w = torch.where(pos <= shared, 1.0, alpha).to(torch.float32)
+    return w * mask
+
+
+def wpo_weights(token_logps: Tensor, token_log_sum_sq: Tensor, mask: Tensor) -> Tensor:
+    """WPO (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization", Eq. 2 with the
+    aligned per-token probabilities of its Sec. 3): how likely the policy is to produce each response itself,
+    w(y) = exp(mean_t [log p(y_t) - log sum_v p(v)^2]), per response row, without gradient. A pair's loss is
+    multiplied by w(y_c) w(y_r) (as TRL 1.16's ``use_weighting``).
+
+    token_logps, token_log_sum_sq, mask: [N, T] (log p of each label token, log sum_v p_v^2 at that position,
+    response-token flags). Returns [N]."""
+    mask = mask.to(token_logps.dtype)
+    count = mask.sum(-1).clamp(min=1)
+    with torch.no_grad():
+        return torch.exp(((token_logps - token_log_sum_sq) * mask).sum(-1) / count)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Unpaired feedback: each completion is labelled desirable or undesirable on its own (no pairs)
+
+
+def kto_kl(policy_kl_logps: Tensor, reference_kl_logps: Tensor) -> Tensor:
+    """KTO's reference point z_0 (Ethayarajh et al. 2024, Eq. 7): the KL(pi || pi_ref) of a batch, estimated from
+    mismatched (prompt, completion) pairs of the batch, as mean(pi - ref) over them, detached and clamped at 0.
+    Returns a 0-dim tensor."""
+    if policy_kl_logps.shape != reference_kl_logps.shape:
+        raise ValueError("policy and reference KL log-probs must have the same shape")
+    return (policy_kl_logps - reference_kl_logps).detach().mean().clamp(min=0)
+
+
+def kto(policy_logps: Tensor, reference_logps: Tensor, desirable: Tensor, *, beta: float, kl: Tensor | float,
+        desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[Tensor, Tensor]:
+    """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", Eqs. 7-8) on
+    unpaired completions [B] with labels ``desirable`` [B] (bool). With r = beta (pi - ref) and z_0 = beta * kl
+    (``kto_kl``):
+
+        desirable:   loss = lambda_D (1 - sigma(r - z_0))
+        undesirable: loss = lambda_U (1 - sigma(z_0 - r))
+
+    (lambda_D, lambda_U = desirable_weight, undesirable_weight). Returns (losses [B], rewards r [B] detached)."""
+    _check(beta, policy_logps, reference_logps)
+    if desirable.shape != policy_logps.shape:
+        raise ValueError(f"desirable must be a [B] label per completion, got {tuple(desirable.shape)}")
+    if not (desirable_weight >= 0 and undesirable_weight >= 0):
+        raise ValueError("desirable_weight and undesirable_weight must be >= 0")
+    r = beta * (policy_logps - reference_logps)
+    z0 = beta * kl
+    good = desirable_weight * (1 - torch.sigmoid(r - z0))
+    bad = undesirable_weight * (1 - torch.sigmoid(z0 - r))
+    return torch.where(desirable.bool(), good, bad), r.detach()

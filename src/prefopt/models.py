@@ -173,10 +173,13 @@ def parameter_count(model) -> int:
 
 
 def model_fingerprint(model) -> str:
-    """sha256 over (name, shape, dtype, bytes) of every parameter, in name order."""
+    """sha256 over (name, shape, dtype, bytes) of every parameter, in name order. A sharded (FSDP, DTensor)
+    parameter is gathered first, so every rank gets the key of the whole model (a collective then)."""
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         t = p.detach()
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
         h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()

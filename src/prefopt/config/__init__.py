@@ -28,11 +28,11 @@ from .loading import (
     to_dict,
     unwrap_optional,
 )
-from .tools import DEVICES_HELP, GenerateConfig, InspectConfig, LabelConfig, ScoreConfig
-from .training import OPTIMIZERS, DPOConfig, PPOConfig, RMConfig, SFTConfig, TrainConfig
+from .tools import DEVICES_HELP, EvalConfig, GenerateConfig, InspectConfig, LabelConfig, ScoreConfig
+from .training import OPTIMIZERS, DPOConfig, KTOConfig, PPOConfig, RMConfig, SFTConfig, TrainConfig
 
-__all__ = ["TrainConfig", "DPOConfig", "SFTConfig", "RMConfig", "PPOConfig",
-           "GenerateConfig", "LabelConfig", "ScoreConfig", "InspectConfig",
+__all__ = ["TrainConfig", "DPOConfig", "KTOConfig", "SFTConfig", "RMConfig", "PPOConfig",
+           "GenerateConfig", "LabelConfig", "ScoreConfig", "InspectConfig", "EvalConfig",
            "load_config", "from_dict", "save_config", "to_dict", "coerce", "field_types", "field_docs",
            "unwrap_optional", "check_field", "check_length_limits", "check_required", "check_reward_fn",
            "OPTIMIZERS", "DTYPES", "DEVICES_HELP", "field"]

@@ -35,6 +35,18 @@ class TrainConfig:
     the model's context size, capped at 1024 (printed at start)."""
     max_prompt_length: int | None = None
     """Longest prompt kept when a row must be truncated (its end is kept). Default: half of max_length."""
+    num_proc: int | None = None
+    """Processes that tokenize the data (default: the cores available; 1: tokenize in the main process)."""
+    streaming: bool = False
+    """Read, validate and tokenize the training data as training goes instead of preparing it first (sets larger
+    than memory or disk): needs max_steps; a shuffle buffer instead of a global shuffle; the reference runs live."""
+    shuffle_buffer: int = 10000
+    """With streaming: examples held in the seeded shuffle buffer (0 or 1: file order)."""
+    no_data_cache: bool = False
+    """Do not read or write the tokenized-data cache (the table is then written to OUTPUT_DIR/data/)."""
+    cache_dir: str | None = None
+    """Where tokenized data and precomputed reference log-probs are cached (default: $PREFOPT_CACHE or
+    ~/.cache/prefopt)."""
 
     lr: float = 1e-6
     optimizer: str = "rmsprop"
@@ -111,6 +123,14 @@ class TrainConfig:
         check_field(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)")
         check_field(0 <= self.eval_fraction < 1, "eval_fraction", self.eval_fraction, "in [0, 1)")
         check_length_limits(self.max_length, self.max_prompt_length)
+        check_field(self.num_proc is None or self.num_proc >= 1, "num_proc", self.num_proc,
+                    "an integer >= 1 (or unset: the cores available)")
+        if self.streaming:
+            check_field(self.max_steps is not None, "max_steps", self.max_steps,
+                        "set with --streaming (a stream's length is known only once it has been read)")
+            check_field(not self.eval_fraction, "eval_fraction", self.eval_fraction,
+                        "0 with --streaming (a stream has no random hold-out); give --eval-data instead")
+            check_field(self.shuffle_buffer >= 0, "shuffle_buffer", self.shuffle_buffer, "an integer >= 0")
         for name in ("eval_every", "save_every", "keep_checkpoints"):
             check_field(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
         check_field(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
@@ -129,8 +149,9 @@ class DPOConfig(TrainConfig):
     """Reference model path; default: a frozen copy of the initial policy (or, with LoRA, the base model)."""
     loss: str = "sigmoid"
     """Preference loss by name: sigmoid (the paper's DPO), cdpo, robust, ipo, ipo_per_token, hinge, exo_pair,
-    nca_pair, sppo_hard, apo_zero, apo_down, discopop, sigmoid_norm, simpo and orpo (reference-free: no reference
-    model is loaded and none may be given), plackett_luce (ranked data; K = 2 equals sigmoid)."""
+    nca_pair, sppo_hard, apo_zero, apo_down, discopop, sigmoid_norm, bco_pair, aot, aot_pair, simpo, orpo and sft
+    (reference-free: no reference model is loaded and none may be given), plackett_luce (ranked data; K = 2 equals
+    sigmoid); or several joined by commas, summed with loss_weights (sigmoid,bco_pair,sft is TRL's MPO)."""
     beta: float = 0.1
     """Strength of the KL constraint (the paper's beta; IPO's tau)."""
     label_smoothing: float = 0.0
@@ -146,8 +167,6 @@ class DPOConfig(TrainConfig):
     precompute_ref: bool | None = None
     """Compute the reference log-probs in one pass before training and cache them on disk (default: on whenever
     there is a reference; false: run the reference live at every step)."""
-    cache_dir: str | None = None
-    """Where precomputed reference log-probs are cached (default: $PREFOPT_CACHE or ~/.cache/prefopt)."""
     packing: bool = False
     """Pack all sequences of a micro-batch into one row (no pad tokens; attention never crosses sequences)."""
     prefix_sharing: bool = False
@@ -159,32 +178,97 @@ class DPOConfig(TrainConfig):
     """The most memory the log-prob pass may hold at once for logits (the logits and their float32 log-softmax
     buffers: about 20 bytes per response position per vocabulary entry); a micro-batch above it runs the LM head
     in chunks of positions (used when logps_chunk_size is auto)."""
+    loss_weights: list[str] | None = None
+    """Weights of the parts of a combined loss (loss: sigmoid,sft with loss_weights: 1.0,0.2): the loss is
+    sum_k w_k loss_k and each part is logged as loss/<name>. Default: 1 for every part."""
+    wpo: bool = False
+    """WPO (Zhou et al. 2024): multiply each pair's loss by how likely the policy is to produce each of its two
+    responses, exp(mean per-token log p - log sum_v p_v^2) (no gradient). Needs the plain log-prob layout."""
+    ld_alpha: float | None = None
+    """LD-DPO (Liu et al. 2024): the log-prob tokens of a response past the shorter response of its pair weigh
+    ld_alpha in [0, 1] (policy and reference alike; 1 is plain DPO). Needs the plain log-prob layout."""
+    ref_sync_every: int = 0
+    """TR-DPO (Gorbatovski et al. 2024): every N optimizer steps move the reference towards the policy,
+    ref <- mix * policy + (1 - mix) * ref (0: a fixed reference). Needs a live reference model of its own
+    (no LoRA adapters, no precomputed reference log-probs)."""
+    ref_sync_mix: float = 1.0
+    """TR-DPO's alpha in (0, 1]: 1 is the hard update (the reference becomes the policy), less a soft one."""
+
+    @property
+    def loss_parts(self) -> tuple[tuple[str, float], ...]:
+        """The (name, weight) parts of ``loss``: one part of weight 1 for a single loss."""
+        from ..losses import parse_loss_spec
+
+        try:
+            return parse_loss_spec(self.loss, self.loss_weights)
+        except ValueError as e:
+            raise ConfigError(f"invalid loss = {self.loss!r} (loss_weights = {self.loss_weights}): {e}") from None
+
+    @property
+    def reference_free_loss(self) -> bool:
+        """Every part of the loss reads only the policy's log-probs (no reference is loaded or computed)."""
+        from ..losses import REFERENCE_FREE_LOSSES
+
+        return all(name in REFERENCE_FREE_LOSSES for name, _ in self.loss_parts)
 
     @property
     def precomputes_reference(self) -> bool:
-        """precompute_ref as it takes effect: None (the default) means on; a reference-free run or loss has none."""
-        from ..losses import REFERENCE_FREE_LOSSES
-
+        """precompute_ref as it takes effect: None (the default) means on; a reference-free run or loss has none,
+        and neither has a run whose reference moves (ref_sync_every)."""
         return (self.precompute_ref is not False and not self.reference_free
-                and self.loss not in REFERENCE_FREE_LOSSES)
+                and not self.reference_free_loss and not self.ref_sync_every and not self.streaming)
 
     def validate(self) -> None:
         super().validate()
         from ..losses import loss_names
 
-        check_field(self.loss in loss_names(), "loss", self.loss, f"one of {', '.join(loss_names())}")
+        names = [n.strip() for n in self.loss.split(",")]
+        for name in names:
+            check_field(name in loss_names(), "loss", self.loss,
+                        f"one of {', '.join(loss_names())}, or several joined by commas (sigmoid,sft)")
+        parts = self.loss_parts
         check_field(self.beta > 0, "beta", self.beta, "a positive number (the paper uses 0.1 to 0.5)")
-        if self.loss == "cdpo":
-            check_field(0 <= self.label_smoothing <= 0.5, "label_smoothing", self.label_smoothing, "in [0, 0.5] for cdpo")
-        elif self.loss == "robust":
-            check_field(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "in [0, 0.5) for robust")
-        elif self.loss == "exo_pair":
-            check_field(0 <= self.label_smoothing <= 0.5, "label_smoothing", self.label_smoothing,
-                        "in [0, 0.5] for exo_pair (0: the EXO paper's 1e-3)")
-        else:
-            check_field(self.label_smoothing == 0, "label_smoothing", self.label_smoothing,
-                   f"0 for loss '{self.loss}' (label smoothing belongs to cdpo and robust, "
-                   "and is EXO's epsilon for exo_pair)")
+        smoothing = {"cdpo": (0.5, True, "in [0, 0.5] for cdpo"), "robust": (0.5, False, "in [0, 0.5) for robust"),
+                     "exo_pair": (0.5, True, "in [0, 0.5] for exo_pair (0: the EXO paper's 1e-3)"),
+                     "aot": (0.5, True, "in [0, 0.5] for aot"), "aot_pair": (0.5, True, "in [0, 0.5] for aot_pair")}
+        users = [n for n in names if n in smoothing]
+        others = [n for n in names if n not in smoothing]
+        for name in users:
+            top, closed, what = smoothing[name]
+            ok = 0 <= self.label_smoothing and (self.label_smoothing <= top if closed else self.label_smoothing < top)
+            check_field(ok, "label_smoothing", self.label_smoothing, what)
+        if self.label_smoothing != 0 and others:
+            check_field(False, "label_smoothing", self.label_smoothing,
+                   f"0 for loss '{others[0]}' (label smoothing belongs to cdpo and robust, "
+                   "is EXO's epsilon for exo_pair and AOT's for aot and aot_pair)")
+        check_field(self.ld_alpha is None or 0 <= self.ld_alpha <= 1, "ld_alpha", self.ld_alpha,
+                    "in [0, 1] (LD-DPO's weight of the tokens past the shorter response) or none")
+        check_field(self.ref_sync_every >= 0, "ref_sync_every", self.ref_sync_every, "an integer >= 0 (0: off)")
+        check_field(0 < self.ref_sync_mix <= 1, "ref_sync_mix", self.ref_sync_mix,
+                    "in (0, 1] (1: hard update, the reference becomes the policy)")
+        if len(parts) > 1 or self.wpo or self.ld_alpha is not None:
+            if "plackett_luce" in names:
+                raise ConfigError("plackett_luce (ranked data) takes no wpo / ld_alpha modifier.")
+        if self.wpo and any(n in ("aot", "aot_pair") for n in names):
+            raise ConfigError("wpo weighs each pair's loss, but aot / aot_pair sort the pairs of a batch (a loss "
+                              "value belongs to a quantile, not a pair): drop wpo or use another loss.")
+        if (self.wpo or self.ld_alpha is not None) and (self.packing or self.prefix_sharing):
+            raise ConfigError("wpo and ld_alpha need per-token log-probs of the plain layout: drop packing / "
+                              "prefix_sharing.")
+        if self.ref_sync_every:
+            why = ("ref_sync_every (TR-DPO) updates the reference model during training, which makes precomputed "
+                   "reference log-probs stale")
+            if self.precompute_ref is True:
+                raise ConfigError(f"{why}: drop precompute_ref (the reference then runs live at every step).")
+            if self.reference_free or self.reference_free_loss:
+                raise ConfigError("ref_sync_every (TR-DPO) needs a reference model; this run has none "
+                                  "(reference_free or a reference-free loss).")
+            if self.lora:
+                raise ConfigError("ref_sync_every (TR-DPO) needs a reference model of its own; with lora the "
+                                  "reference is the base model with adapters off, which cannot move.")
+        if self.streaming and self.precompute_ref is True:
+            raise ConfigError("streaming reads the data as training goes, so there is no pass over it to precompute "
+                              "reference log-probs in: drop precompute_ref (the reference then runs live).")
         check_field(self.simpo_gamma >= 0, "simpo_gamma", self.simpo_gamma, ">= 0 (SimPO's target reward margin)")
         check_field(self.nll_weight >= 0, "nll_weight", self.nll_weight, ">= 0")
         check_field(self.logps_chunk_size is None or self.logps_chunk_size >= 0, "logps_chunk_size",
@@ -193,11 +277,50 @@ class DPOConfig(TrainConfig):
                     "a positive number of MB")
         if self.reference_free and (self.ref_model or self.precompute_ref is True):
             raise ConfigError("reference_free uses no reference model: drop ref_model / precompute_ref.")
-        from ..losses import REFERENCE_FREE_LOSSES
-
-        if self.loss in REFERENCE_FREE_LOSSES and (self.ref_model or self.precompute_ref is True):
+        if self.reference_free_loss and (self.ref_model or self.precompute_ref is True):
             raise ConfigError(f"loss '{self.loss}' is reference-free and uses no reference model: "
                               "drop ref_model / precompute_ref.")
+
+
+@dataclass
+class KTOConfig(TrainConfig):
+    """KTO (Ethayarajh et al. 2024) on unpaired feedback: each completion is labelled desirable or not.
+
+    Data: {prompt, completion, label: true|false} rows, or preference pairs (each chosen response true, each
+    rejected one false). KTO's KL reference point is estimated per micro-batch from mismatched (prompt, completion)
+    pairs of that micro-batch, so micro_batch_size must be at least 2. The reference runs live (a frozen copy of the
+    initial policy, ref_model, or with LoRA the base model).
+    """
+
+    data_format: str = "auto"
+    """Row format: auto, unpaired ({prompt, completion, label}), or a preference format (explicit,
+    conversational, implicit, ranked: chosen responses desirable, rejected ones not)."""
+    ref_model: str | None = None
+    """Reference model path; default: a frozen copy of the initial policy (or, with LoRA, the base model)."""
+    beta: float = 0.1
+    """KTO's beta: rewards are beta * (log pi - log pi_ref)."""
+    desirable_weight: float = 1.0
+    """lambda_D, the weight of a desirable completion's loss (the paper keeps lambda_D n_D / (lambda_U n_U) in
+    [1, 4/3] when the labels are unbalanced)."""
+    undesirable_weight: float = 1.0
+    """lambda_U, the weight of an undesirable completion's loss."""
+    micro_batch_size: int = 8
+    """Completions per forward pass (>= 2: KTO's KL estimate pairs each prompt with another completion of the
+    micro-batch)."""
+
+    def validate(self) -> None:
+        super().validate()
+        from ..data.formats import FORMATS
+
+        check_field(self.data_format in ("auto", "unpaired", *FORMATS), "data_format", self.data_format,
+                    f"one of auto, unpaired, {', '.join(FORMATS)}")
+        check_field(self.beta > 0, "beta", self.beta, "a positive number")
+        check_field(self.desirable_weight >= 0, "desirable_weight", self.desirable_weight, ">= 0")
+        check_field(self.undesirable_weight >= 0, "undesirable_weight", self.undesirable_weight, ">= 0")
+        check_field(self.desirable_weight + self.undesirable_weight > 0, "desirable_weight",
+                    self.desirable_weight, "> 0 when undesirable_weight is 0")
+        check_field(self.micro_batch_size >= 2, "micro_batch_size", self.micro_batch_size,
+                    "an integer >= 2 (KTO estimates its KL term from mismatched pairs within a micro-batch)")
 
 
 @dataclass

@@ -23,7 +23,7 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..errors import ConfigError, DataError
 from .load import iter_rows_lenient
@@ -104,11 +104,13 @@ def _exact(row: dict, source: str, fmt: str, vocab_size: int | None
     return prompt_ids, ids, ended, _order(row, source, len(ids))
 
 
-def to_example(row: dict, source: str, fmt: str, vocab_size: int | None = None) -> PreferenceExample:
+def to_example(row: dict, source: str, fmt: str, vocab_size: int | None = None,
+               end_ids: frozenset[int] | None = None) -> PreferenceExample:
     """Validate one raw row of format ``fmt`` and build its PreferenceExample (raises DataError). A row carrying
-    token ids (see the module doc) keeps them; ``vocab_size`` bounds them."""
+    token ids (see the module doc) keeps them; ``vocab_size`` bounds them, and with ``end_ids`` (the tokenizer's
+    end tokens) a response marked as ended with EOS must end with one of them."""
     if _has_ids(row, fmt):
-        return _exact_example(row, source, fmt, vocab_size)
+        return _exact_example(row, source, fmt, vocab_size, end_ids)
     if fmt == "explicit" or (fmt == "conversational" and "prompt" in row):
         prompt = text_field(row, "prompt", source)
         responses = [text_field(row, "chosen", source), text_field(row, "rejected", source)]
@@ -131,9 +133,16 @@ def to_example(row: dict, source: str, fmt: str, vocab_size: int | None = None) 
     return PreferenceExample(prompt=prompt, responses=responses, source=source)
 
 
-def _exact_example(row: dict, source: str, fmt: str, vocab_size: int | None) -> PreferenceExample:
+def _exact_example(row: dict, source: str, fmt: str, vocab_size: int | None,
+                   end_ids: frozenset[int] | None = None) -> PreferenceExample:
     prompt_ids, ids, ended, order = _exact(row, source, fmt, vocab_size)
     names = ["chosen_ids", "rejected_ids"] if fmt == "explicit" else [f"response_ids[{i}]" for i in range(len(ids))]
+    if end_ids is not None:
+        for name, r, done in zip(names, ids, ended):
+            if done and r[-1] not in end_ids:
+                raise DataError(f"ends with id {r[-1]}, not an end token, but its ended_with_eos flag is true (the "
+                                "ids and the flag come from different samples?)", source=source, field=name,
+                                reason="ended_mismatch")
     if len(ids) < 2:
         raise DataError(f"needs at least 2 responses, got {len(ids)}", source=source, field="response_ids",
                         reason="too_few_responses")
@@ -332,14 +341,25 @@ def load_preferences(path: Any, *, format: str = "auto", split: str | None = Non
     (``len(tokenizer)``): token ids carried by exact-sample rows outside ``[0, vocab_size)`` are bad rows
     (``bad_token_id``).
     """
+    detect, convert, key = preference_reader(format, vocab_size)
+    return read_examples(path, detect, convert, format=format, split=split, skip_bad=skip_bad, limit=limit,
+                         duplicate_key=key)
+
+
+Reader = tuple[Callable[[dict, str], str], Callable[[dict, str, str], Any], Callable[[Any], Any]]
+"""``(detect, convert, duplicate_key)``: what ``read_examples`` / ``iter_examples`` need to read one kind of data."""
+
+
+def preference_reader(format: str = "auto", vocab_size: int | None = None,
+                      end_ids: frozenset[int] | None = None) -> Reader:
+    """The reader of preference data (``load_preferences``'s rules); ConfigError for an unknown format."""
     if format != "auto" and format not in FORMATS:
         raise ConfigError(f"unknown data format '{format}'; choose one of: auto, {', '.join(FORMATS)}")
 
     def convert(row: dict, source: str, fmt: str) -> PreferenceExample:
-        return to_example(row, source, fmt, vocab_size=vocab_size)
+        return to_example(row, source, fmt, vocab_size=vocab_size, end_ids=end_ids)
 
-    return read_examples(path, detect_format, convert, format=format, split=split, skip_bad=skip_bad,
-                         limit=limit, duplicate_key=_pair_key)
+    return detect_format, convert, _pair_key
 
 
 def read_examples(path: Any, detect: Callable[[dict, str], str], convert: Callable[[dict, str, str], Any], *,
@@ -349,14 +369,35 @@ def read_examples(path: Any, detect: Callable[[dict, str], str], convert: Callab
     row unless named. Every row is read and validated; bad rows are counted in ``report.validation``, and then
     without ``skip_bad`` the report is raised (DataValidationError), with it they are skipped.
     ``duplicate_key(example)``: examples with equal keys after the first are counted as ``duplicate`` (kept)."""
+    report = new_report(path, format, skip_bad)
+    examples = list(iter_examples(path, detect, convert, report, split=split, limit=limit,
+                                  duplicate_key=duplicate_key))
+    finish_report(report)
+    return examples, report
+
+
+def new_report(path: Any, format: str, skip_bad: bool) -> LoadReport:
     label = str(path) if isinstance(path, (str, os.PathLike)) else type(path).__name__
     report = LoadReport(source=label, format=None if format == "auto" else format)
+    report.validation.skip_bad = skip_bad
+    return report
+
+
+def finish_report(report: LoadReport) -> None:
+    """The end of a read: the counts must add up, and without skip_bad a bad row raises the whole report."""
+    report.validation.check()
+    report.validation.raise_if_bad()
+
+
+def iter_examples(path: Any, detect: Callable[[dict, str], str], convert: Callable[[dict, str, str], Any],
+                  report: LoadReport, *, split: str | None = None, limit: int | None = None,
+                  duplicate_key: Callable[[Any], Any] | None = None) -> Iterator[Any]:
+    """The examples of ``read_examples`` one at a time, counted in ``report`` as they go (rows read, kept, bad
+    rows by kind); the caller ends with ``finish_report``. Only a digest per example is kept for duplicates."""
     check = report.validation
-    check.skip_bad = skip_bad
-    examples: list[Any] = []
     seen: dict[bytes, str] = {}
     for row, source in iter_rows_lenient(path, split):
-        if limit is not None and len(examples) >= limit:
+        if limit is not None and check.kept >= limit:
             break
         check.rows += 1
         try:
@@ -368,15 +409,12 @@ def read_examples(path: Any, detect: Callable[[dict, str], str], convert: Callab
         except DataError as e:
             check.add_error(e)
             continue
-        examples.append(example)
+        check.kept += 1
         if duplicate_key is not None:
             digest = hashlib.blake2b(json.dumps(duplicate_key(example), sort_keys=True, ensure_ascii=False)
-                                     .encode("utf-8", "surrogatepass"), digest_size=16).digest()
+                                     .encode("utf-8", "surrogatepass"), digest_size=12).digest()
             if digest in seen:
                 check.add("duplicate", source, seen[digest])
             else:
                 seen[digest] = source
-    check.kept = len(examples)
-    check.check()
-    check.raise_if_bad()
-    return examples, report
+        yield example

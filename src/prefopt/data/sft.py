@@ -28,7 +28,7 @@ import torch
 from ..errors import ConfigError, DataError
 from .collate import collate_preferences
 from .formats import FORMATS as PREFERENCE_FORMATS
-from .formats import LoadReport, load_preferences, read_examples, text_field
+from .formats import LoadReport, Reader, preference_reader, read_examples, text_field
 from .tokenize import SpecialTokens, TokenizeReport, encode_response, tokenize_all, tokenize_example
 from .types import Message, PreferenceExample, Text, TokenizedExample
 
@@ -115,14 +115,25 @@ def load_sft(path: Any, *, format: str = "auto", split: str | None = None, skip_
     responses. Errors, ``skip_bad`` and the validation report (``report.validation``; a duplicate is an example
     with the same prompt and target as an earlier one) behave as in ``load_preferences``.
     """
+    detect, convert, key = sft_reader(format, from_preferences)
+    return read_examples(path, detect, convert, format=format, split=split, skip_bad=skip_bad, limit=limit,
+                         duplicate_key=key)
+
+
+def sft_reader(format: str = "auto", from_preferences: bool = False) -> Reader:
+    """The reader of SFT data (``load_sft``'s rules): SFT rows, or the chosen responses of preference rows."""
     if from_preferences:
-        prefs, report = load_preferences(path, format=format, split=split, skip_bad=skip_bad, limit=limit)
-        return [SFTExample(ex.prompt, ex.chosen, ex.source) for ex in prefs], report
+        detect, to_pref, pair_key = preference_reader(format)
+
+        def chosen(row: dict, source: str, fmt: str) -> SFTExample:
+            ex = to_pref(row, source, fmt)
+            return SFTExample(ex.prompt, ex.chosen, ex.source)
+
+        return detect, chosen, lambda ex: pair_key(PreferenceExample(ex.prompt, [ex.response]))
     if format != "auto" and format not in SFT_FORMATS:
         hint = " (a preference format: add --from-preferences)" if format in PREFERENCE_FORMATS else ""
         raise ConfigError(f"unknown SFT data format '{format}'{hint}; choose one of: auto, {', '.join(SFT_FORMATS)}")
-    return read_examples(path, detect_sft_format, to_sft_example, format=format, split=split, skip_bad=skip_bad,
-                         limit=limit, duplicate_key=lambda ex: (ex.prompt, ex.response, ex.conversation))
+    return detect_sft_format, to_sft_example, lambda ex: (ex.prompt, ex.response, ex.conversation)
 
 
 # ---------------------------------------------------------------------------------------------------------

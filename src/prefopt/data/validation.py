@@ -48,6 +48,7 @@ KINDS = {
     "duplicate": "duplicate: same prompt and responses (in order) as an earlier row",
     "too_long": "does not fit in max_length after tokenization",
     "bad_token_id": "token id outside the tokenizer's vocabulary",
+    "ended_mismatch": "marked as ended with EOS, but the ids do not end with an end token",
 }
 """Reason code -> what it means (a code missing here is printed as itself)."""
 

@@ -1,5 +1,6 @@
-"""Plots: reward against KL(pi || pi_ref), one series per method (the DPO paper's Figure 2, left), and training
-curves from runs' ``metrics.jsonl``."""
+"""Plots: reward against KL(pi || pi_ref), one series per method (the DPO paper's Figure 2, left), win rate against
+sampling temperature (its Figure 3: ``prefopt eval`` and the sentiment experiment), and training curves from runs'
+``metrics.jsonl``."""
 
 from __future__ import annotations
 
@@ -15,6 +16,50 @@ MARKERS = {"sft": "s", "dpo": "o", "ppo-rm": "^", "ppo-gt": "v", "best-of-n": "D
 
 def _finite(x: Any) -> float:
     return float(x) if isinstance(x, (int, float)) and not math.isnan(x) else 0.0
+
+
+def plot_win_rates(lines: Sequence[dict[str, Any]], path: str | Path, *, title: str,
+                   xlabel: str = "sampling temperature", ylabel: str = "win rate (ties count half)",
+                   size: tuple[float, float] = (7.0, 4.5), dpi: int = 100, legend_outside: bool = False,
+                   xticks: Sequence[float] | None = None) -> Path:
+    """Win rate against sampling temperature, one line per entry of ``lines``: ``{"label", "points"}`` with points
+    ``{"temperature", "win_rate", "ci_low", "ci_high"}`` (the 95 % interval drawn as error bars; points without a
+    finite win rate left out), and optional ``color``, ``linestyle`` and ``dx`` (a shift along x that keeps
+    overlapping bars apart). Even (0.5) is dashed. The PNG is ``size`` x ``dpi`` pixels."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size, dpi=dpi)
+    for line in lines:
+        pts = [p for p in line["points"] if p.get("win_rate") is not None and math.isfinite(p["win_rate"])]
+        if not pts:
+            continue
+        ys = [p["win_rate"] for p in pts]
+        ax.errorbar([p["temperature"] + line.get("dx", 0.0) for p in pts], ys,
+                    yerr=[[max(0.0, y - p["ci_low"]) for y, p in zip(ys, pts)],
+                          [max(0.0, p["ci_high"] - y) for y, p in zip(ys, pts)]],
+                    color=line.get("color"), linestyle=line.get("linestyle", "-"), marker="o",
+                    markersize=4 if legend_outside else 6, capsize=3 if legend_outside else 4, label=line["label"])
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="even (0.5)")
+    if xticks is not None:
+        ax.set_xticks(list(xticks))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend_outside:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    else:
+        ax.legend(loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def plot_reward_vs_kl(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str = "Reward vs KL",

@@ -20,7 +20,11 @@ inputs, changed):
     eval-*    per policy, on held-out prompts: mean ground-truth reward, KL(pi || pi_SFT) from samples (clustered
               SEs), mean completion length, share of completions ending with EOS
     best-of-n Best-of-N from pi_SFT (selected by the ground-truth reward or the RM); KL = log N - (N-1)/N
-    report    results.json, results.md and reward_vs_kl.png
+    temperatures-*   per policy (pi_SFT, each DPO and PPO run, Best-of-N) and for a pi_SFT baseline: samples of
+              held-out prompts at each of ``temperatures``; each policy's sample is judged against the baseline's
+              of the same prompt and temperature by the ground-truth reward (higher wins, equal ties)
+    report    results.json, results.md and reward_vs_kl.png; temperatures.json, temperatures.md and
+              win_rate_vs_temperature.png (win rate against pi_SFT by temperature, 95 % intervals)
 
 Python: ``run_sentiment(SentimentConfig(output_dir=..., ...))``.
 """
@@ -120,6 +124,13 @@ class SentimentConfig:
     """Held-out prompts per evaluated policy."""
     eval_samples: int = 4
     """Samples per evaluation prompt (the KL's SE is clustered by prompt)."""
+    temperatures: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    """Sampling temperatures of the win-rate figure: every policy against pi_SFT sampled at the same temperature,
+    judged by the ground-truth reward ('none': no figure)."""
+    temperature_prompts: int | None = None
+    """Held-out prompts used by the win-rate figure (default: all evaluation prompts)."""
+    temperature_samples: int = 1
+    """Samples per prompt and temperature in the win-rate figure (several: the interval is clustered by prompt)."""
     micro_batch_size: int = 16
     """Examples per forward pass in training and scoring."""
     progress: bool = True
@@ -134,6 +145,17 @@ class SentimentConfig:
         self.betas = _numbers("betas", self.betas, float)
         self.kl_coefs = _numbers("kl_coefs", self.kl_coefs, float)
         self.best_of_n = _numbers("best_of_n", self.best_of_n, int)
+        if self.temperatures in ("", [], ["none"]) or str(self.temperatures).strip().lower() == "none":
+            self.temperatures = []
+        else:
+            self.temperatures = _numbers("temperatures", self.temperatures, float)
+        check_field(all(math.isfinite(t) and t >= 0 for t in self.temperatures), "temperatures", self.temperatures,
+                    "numbers >= 0 (0 means greedy decoding), or none")
+        check_field(len(set(self.temperatures)) == len(self.temperatures), "temperatures", self.temperatures,
+                    "distinct numbers")
+        check_field(self.temperature_prompts is None or self.temperature_prompts >= 1, "temperature_prompts",
+                    self.temperature_prompts, "an integer >= 1 (or none)")
+        check_field(self.temperature_samples >= 1, "temperature_samples", self.temperature_samples, "an integer >= 1")
         from ..models import MODEL_SIZES
 
         check_field(self.size in MODEL_SIZES, "size", self.size, f"one of {', '.join(MODEL_SIZES)}")
@@ -356,15 +378,20 @@ class SentimentExperiment:
 
             groups: dict[int, PromptGroup] = {}
             duplicates = empty = 0
+            # the pairs carry the sampled token ids, so DPO trains on exactly what pi_SFT sampled (no
+            # re-tokenization, no EOS added to a sample cut at max_new_tokens)
             for row in read_jsonl(self.out / "samples" / "samples.jsonl"):
-                g = groups.setdefault(row["prompt_index"], PromptGroup(row["prompt"]))
+                g = groups.setdefault(row["prompt_index"], PromptGroup(row["prompt"], prompt_ids=row["prompt_ids"],
+                                                                       response_ids=[], ended_with_eos=[]))
                 if not row["response"].strip():  # an immediate EOS: preference data needs a non-empty response
                     empty += 1
                     continue
-                if row["response"] in g.responses:
+                if row["response_ids"] in g.response_ids:
                     duplicates += 1
                     continue
                 g.responses.append(row["response"])
+                g.response_ids.append(row["response_ids"])
+                g.ended_with_eos.append(row["ended_with_eos"])
                 g.sources.append(f"sample {row['prompt_index']}/{row['sample_index']}")
             group_list = list(groups.values())
             score_groups(group_list, self.reward_fn, batch_size=1024, name="ground-truth reward")
@@ -380,7 +407,7 @@ class SentimentExperiment:
                     "duplicates": duplicates, "empty": empty, "mean_chosen_reward": mean([r["chosen_score"] for r in rows]),
                     "mean_rejected_reward": mean([r["rejected_score"] for r in rows])}
 
-        return self.stages.run("pairs", {}, run, after=["samples", "reward"])
+        return self.stages.run("pairs", {"exact_ids": True}, run, after=["samples", "reward"])
 
     # -- methods ----------------------------------------------------------------------------------------
 
@@ -545,6 +572,126 @@ class SentimentExperiment:
         after = ["data", "reward", "sft"] + (["rm"] if cfg.bon_selector == "reward_model" else [])
         return self.stages.run("best-of-n", key, run, after=after)["rows"]
 
+    # -- win rate against pi_SFT over sampling temperatures ---------------------------------------------
+    #
+    # The paper's temperature figure: each policy and pi_SFT are sampled on the same held-out prompts at the same
+    # temperature, and the ground-truth reward judges each (policy, pi_SFT) pair of one prompt and sample index:
+    # the higher reward wins, an equal one is a tie. pi_SFT as a policy is sampled with another seed than the
+    # baseline, so against itself it is a fair coin (0.5), not a column of ties. Sampling is one stage per policy
+    # (a new beta samples only the new policy); the judging is cheap and redone by every run.
+
+    def _temperature_key(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"temperatures": cfg.temperatures, "prompts": cfg.temperature_prompts,
+                "samples": cfg.temperature_samples, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
+
+    def _temperature_prompts(self) -> list[str]:
+        prompts = [r["prompt"] for r in read_jsonl(self.out / "data" / "prompts_eval.jsonl")]
+        return prompts[: self.cfg.temperature_prompts] if self.cfg.temperature_prompts else prompts
+
+    def _sample_at_temperatures(self, model_dir: Path, seed: int, num_samples: int) -> list[dict[str, Any]]:
+        """Rows {temperature, prompt, response, prompt_index, sample_index, ..., reward} of one model."""
+        from ..generation import generate_samples
+
+        cfg = self.cfg
+        prompts = self._temperature_prompts()
+        model, tok = _load_lm(model_dir)
+        rows: list[dict[str, Any]] = []
+        for k, t in enumerate(cfg.temperatures):
+            samples = generate_samples(model, tok, prompts, num_samples=num_samples, temperature=t,
+                                       max_new_tokens=cfg.max_new_tokens, seed=seed + 1009 * k,
+                                       batch_size=cfg.generation_batch_size, progress=cfg.progress)
+            rewards = self.reward_fn([s.prompt for s in samples], [s.response for s in samples])
+            rows += [{"temperature": t, **s.row(), "reward": float(r)} for s, r in zip(samples, rewards)]
+        _free(model)
+        return rows
+
+    def stage_temperature_samples(self, policy: str) -> str:
+        """Samples of ``<policy>/model`` (pi_SFT for "sft"; pi_SFT with the baseline's seed for "baseline") at
+        every temperature, with their ground-truth rewards."""
+        cfg = self.cfg
+        name = f"temperatures-{policy}"
+        seed = cfg.seed + (TEMPERATURE_BASELINE_SEED if policy == "baseline" else TEMPERATURE_POLICY_SEED)
+
+        def run(d: Path) -> dict[str, Any]:
+            model_dir = self.sft_model if policy in ("sft", "baseline") else self.out / policy / "model"
+            rows = self._sample_at_temperatures(model_dir, seed, cfg.temperature_samples)
+            write_jsonl(rows, d / "samples.jsonl")
+            return {"samples": len(rows)}
+
+        after = ["data", "reward", "sft"] + ([] if policy in ("sft", "baseline") else [policy])
+        self.stages.run(name, self._temperature_key(), run, after=after)
+        return name
+
+    def stage_temperature_best_of_n(self) -> str:
+        """max(best_of_n) pi_SFT samples per (prompt, sample index) at every temperature; for each N, the pick of
+        the first N by the Best-of-N selector (the ground truth or the RM), in ``picks.jsonl``."""
+        cfg = self.cfg
+        name = "temperatures-best-of-n"
+        key = {**self._temperature_key(), "best_of_n": cfg.best_of_n, "selector": cfg.bon_selector}
+
+        def run(d: Path) -> dict[str, Any]:
+            n_max, k = max(cfg.best_of_n), cfg.temperature_samples
+            rows = self._sample_at_temperatures(self.sft_model, cfg.seed + TEMPERATURE_POLICY_SEED, n_max * k)
+            if cfg.bon_selector == "reward_model":
+                from ..rewards import reward_model_fn
+
+                rm = reward_model_fn(str(self.out / "rm" / "model"), batch_size=cfg.micro_batch_size)
+                scores = rm([r["prompt"] for r in rows], [r["response"] for r in rows])
+            else:
+                scores = [r["reward"] for r in rows]
+            by_key = {(r["temperature"], r["prompt_index"], r["sample_index"]): (r, q) for r, q in zip(rows, scores)}
+            n_prompts = len(self._temperature_prompts())
+            picks = []
+            for t in cfg.temperatures:
+                for i in range(n_prompts):
+                    for s in range(k):
+                        for n in sorted(cfg.best_of_n):
+                            group = [by_key[(t, i, s * n_max + j)] for j in range(n)]
+                            row, score = max(group, key=lambda g: g[1])  # the first of equal scores
+                            picks.append({"temperature": t, "n": n, "prompt": row["prompt"], "prompt_index": i,
+                                          "sample_index": s, "picked": row["sample_index"],
+                                          "response": row["response"], "reward": row["reward"],
+                                          "selector_score": float(score)})
+            write_jsonl([{**r, "selector_score": float(q)} for r, q in zip(rows, scores)], d / "samples.jsonl")
+            write_jsonl(picks, d / "picks.jsonl")
+            return {"samples": len(rows), "picks": len(picks)}
+
+        after = ["data", "reward", "sft"] + (["rm"] if cfg.bon_selector == "reward_model" else [])
+        self.stages.run(name, key, run, after=after)
+        return name
+
+    def stage_temperatures(self, rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+        """Sample every policy of ``rows`` (the reward-vs-KL rows: pi_SFT, DPO, PPO, Best-of-N) and pi_SFT at each
+        temperature, judge them, and write temperatures.json, temperatures.md and win_rate_vs_temperature.png
+        into the report folder."""
+        cfg = self.cfg
+        baseline = read_jsonl(self.out / self.stage_temperature_samples("baseline") / "samples.jsonl")
+        policies: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+        bon_picks: list[dict[str, Any]] | None = None
+        for row in rows:
+            if row["method"] == "best-of-n":
+                if bon_picks is None:
+                    bon_picks = read_jsonl(self.out / self.stage_temperature_best_of_n() / "picks.jsonl")
+                n = int(row["setting"].split("=")[1])
+                policies.append((row, [p for p in bon_picks if p["n"] == n]))
+            else:
+                samples = read_jsonl(self.out / self.stage_temperature_samples(row["policy"]) / "samples.jsonl")
+                policies.append((row, samples))
+        table = temperature_table(policies, baseline, cfg.temperatures, seed=cfg.seed)
+        reward_name = "classifier log-odds" if cfg.data else "exact corpus valence"
+        table["judge"] = f"ground-truth reward ({reward_name}): higher wins, equal is a tie"
+        table["prompts"] = len(self._temperature_prompts())
+        table["samples_per_prompt"] = cfg.temperature_samples
+        d = self.out / "report"
+        d.mkdir(parents=True, exist_ok=True)
+        json_path, md_path, png = d / "temperatures.json", d / "temperatures.md", d / "win_rate_vs_temperature.png"
+        json_path.write_text(json.dumps(_finite_json(table), indent=2) + "\n")
+        md_path.write_text(temperature_markdown(table))
+        plot_win_rate_vs_temperature(table, png)
+        self.log(f"[temperatures] {md_path}  {json_path}  {png}")
+        return {"json": str(json_path), "markdown": str(md_path), "plot": str(png)}
+
     # -- the whole run ----------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -580,6 +727,7 @@ class SentimentExperiment:
             if cfg.bon_selector == "reward_model":
                 self.stage_rm()
             rows.extend(self.stage_best_of_n())
+        temperatures = self.stage_temperatures(rows) if cfg.temperatures else {}
         meta = {"data": data["source"], **{k: v for k, v in reward_info.items() if v is not None},
                 "model": f"{cfg.size} ({sft.get('parameters', 0) / 1e6:.2f}M parameters)",
                 "sft": f"{sft.get('steps')} steps in {self.stages.seconds['sft']:.0f} s, final loss "
@@ -589,12 +737,16 @@ class SentimentExperiment:
                 "evaluation": f"{data['eval_prompts']} held-out prompts x {cfg.eval_samples} samples, temperature 1, "
                               f"max {cfg.max_new_tokens} new tokens; KL(π‖π_SFT) and reward: mean ± SE clustered by "
                               "prompt",
+                **({"win rate vs temperature": f"every policy against π_SFT at temperatures "
+                    f"{', '.join(f'{t:g}' for t in cfg.temperatures)}, judged by the ground truth: "
+                    f"{Path(temperatures['markdown']).name}, {Path(temperatures['plot']).name}"}
+                   if temperatures else {}),
                 "shared stage times (s)": ", ".join(f"{s} {self.stages.seconds[s]:.0f}" for s in
                                                     ("sft", "samples", "pairs", "rm") if s in self.stages.seconds)}
         report = self.stage_report(rows, meta)
         total = time.perf_counter() - started
-        return {"rows": rows, "meta": meta, **report, "seconds": total, "skipped": list(self.stages.skipped),
-                "ran": list(self.stages.ran)}
+        return {"rows": rows, "meta": meta, **report, "temperatures": temperatures, "seconds": total,
+                "skipped": list(self.stages.skipped), "ran": list(self.stages.ran)}
 
     def stage_report(self, rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, str]:
         from ..eval.plots import plot_reward_vs_kl
@@ -617,6 +769,117 @@ class SentimentExperiment:
         return {"json": str(json_path), "markdown": str(md_path), "plot": str(png)}
 
 
+TEMPERATURE_POLICY_SEED = 15485863
+"""Seed offsets of the temperature figure's samples: every policy shares one (common random numbers across
+policies), the pi_SFT baseline has its own, so pi_SFT against the baseline compares independent samples."""
+TEMPERATURE_BASELINE_SEED = 32452843
+
+
+def judge_by_reward(policy_reward: float, baseline_reward: float) -> str:
+    """The ground-truth judge's verdict: the higher reward wins, an equal one is a tie."""
+    if policy_reward > baseline_reward:
+        return "policy"
+    return "baseline" if policy_reward < baseline_reward else "tie"
+
+
+def temperature_table(policies: Sequence[tuple[dict[str, Any], Sequence[dict[str, Any]]]],
+                      baseline: Sequence[dict[str, Any]], temperatures: Sequence[float], *,
+                      seed: int = 0) -> dict[str, Any]:
+    """Win rate of each policy against the baseline at each temperature. ``policies``: (a reward-vs-KL row with
+    policy, method and setting; its sample rows), sample rows being {temperature, prompt_index, sample_index,
+    reward}; each is judged against the baseline row of the same temperature, prompt and sample index
+    (``eval.winrate.summarize_verdicts``, clustered by prompt)."""
+    from ..eval.winrate import summarize_verdicts
+
+    base = {(r["temperature"], r["prompt_index"], r["sample_index"]): r["reward"] for r in baseline}
+    mean = lambda xs: sum(xs) / len(xs) if xs else math.nan
+    out = []
+    for info, samples in policies:
+        per_t = []
+        for t in temperatures:
+            mine = [r for r in samples if r["temperature"] == t]
+            missing = [r for r in mine if (t, r["prompt_index"], r["sample_index"]) not in base]
+            if missing:
+                raise ValueError(f"{info['policy']}: no baseline sample for temperature {t}, prompt "
+                                 f"{missing[0]['prompt_index']}, sample {missing[0]['sample_index']}")
+            opponents = [base[(t, r["prompt_index"], r["sample_index"])] for r in mine]
+            verdicts = [judge_by_reward(r["reward"], b) for r, b in zip(mine, opponents)]
+            s = summarize_verdicts(verdicts, [r["prompt_index"] for r in mine], seed=seed)
+            per_t.append({"temperature": t, **s.as_dict(), "mean_reward": mean([r["reward"] for r in mine]),
+                          "baseline_mean_reward": mean(opponents)})
+        out.append({"policy": info["policy"], "method": info["method"], "setting": info["setting"],
+                    "per_temperature": per_t})
+    return {"baseline": "π_SFT sampled at the same temperature (another seed)", "temperatures": list(temperatures),
+            "rows": out}
+
+
+def _finite_json(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite_json(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite_json(v) for v in x]
+    return x
+
+
+def _rate(x: Any) -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.2f}"
+
+
+def temperature_markdown(table: dict[str, Any]) -> str:
+    temps = table["temperatures"]
+    lines = ["# Win rate against π_SFT by sampling temperature", "",
+             f"Judge: {table.get('judge', 'ground-truth reward')}. Baseline: {table['baseline']}. "
+             f"{table.get('prompts', '?')} held-out prompts x {table.get('samples_per_prompt', '?')} sample(s) per "
+             "temperature; win rate (ties count half) [95 % interval]; the last column is the win rate at the "
+             "highest temperature minus the one at the lowest.", "",
+             "| method | setting | " + " | ".join(f"T={t:g}" for t in temps) + " | change |",
+             "|---|---|" + "---:|" * (len(temps) + 1)]
+    for row in table["rows"]:
+        pts = row["per_temperature"]
+        cells = [f"{_rate(p['win_rate'])} [{_rate(p['ci_low'])}, {_rate(p['ci_high'])}]" for p in pts]
+        first, last = pts[0]["win_rate"], pts[-1]["win_rate"]
+        change = last - first if first is not None and last is not None else math.nan
+        lines.append(f"| {row['method']} | {row['setting']} | " + " | ".join(cells) +
+                     (" | –" if not math.isfinite(change) else f" | {change:+.2f}") + " |")
+    lines += ["", "Wins / ties / losses per cell (policy against π_SFT):", "",
+              "| method | setting | " + " | ".join(f"T={t:g}" for t in temps) + " |",
+              "|---|---|" + "---:|" * len(temps)]
+    for row in table["rows"]:
+        lines.append(f"| {row['method']} | {row['setting']} | " +
+                     " | ".join(f"{p['wins']}/{p['ties']}/{p['losses']}" for p in row["per_temperature"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+PLOT_STYLE = {"sft": ("grey", "-"), "dpo": ("tab:blue", "-"), "ppo-gt": ("tab:orange", "--"),
+              "ppo-rm": ("tab:green", "-."), "best-of-n": ("tab:purple", ":")}
+
+
+def plot_win_rate_vs_temperature(table: dict[str, Any], path: str | Path, *,
+                                 title: str = "Win rate against π_SFT (ground-truth judge)") -> Path:
+    """One line per policy: win rate against temperature with its 95 % interval as error bars (lines of one
+    method share a colour family and a line style; points are spread a little along x so the bars stay apart)."""
+    from matplotlib import colors
+
+    from ..eval.plots import plot_win_rates
+
+    rows, temps = table["rows"], table["temperatures"]
+    span = (max(temps) - min(temps)) or 1.0
+    seen: dict[str, int] = {}
+    lines = []
+    for j, row in enumerate(rows):
+        colour, style = PLOT_STYLE.get(row["method"], ("black", "-"))
+        shade = seen.get(row["method"], 0)
+        seen[row["method"]] = shade + 1
+        rgb = tuple(c + (1 - c) * min(0.45 * shade, 0.7) for c in colors.to_rgb(colour))  # later settings lighter
+        lines.append({"label": f"{row['method']} {row['setting']}", "points": row["per_temperature"],
+                      "color": rgb, "linestyle": style, "dx": (j - (len(rows) - 1) / 2) * 0.012 * span})
+    return plot_win_rates(lines, path, title=title, xlabel="sampling temperature (policy and π_SFT alike)",
+                          ylabel="win rate against π_SFT (ties count half)", size=(8.0, 5.0), dpi=100,
+                          legend_outside=True, xticks=temps)
+
+
 def _divisor(batch: int, micro: int) -> int:
     """The largest micro-batch <= micro that divides batch."""
     micro = max(1, min(micro, batch))
@@ -626,8 +889,10 @@ def _divisor(batch: int, micro: int) -> int:
 
 
 def run_sentiment(cfg: SentimentConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) the experiment; returns {rows, meta, json, markdown, plot, seconds, skipped, ran}."""
+    """Run (or resume) the experiment; returns {rows, meta, json, markdown, plot, temperatures, seconds, skipped,
+    ran} (temperatures: the win-rate table's json, markdown and plot paths; empty without temperatures)."""
     return SentimentExperiment(cfg, log).run()
 
 
-__all__ = ["METHODS", "SentimentConfig", "SentimentExperiment", "run_sentiment"]
+__all__ = ["METHODS", "SentimentConfig", "SentimentExperiment", "run_sentiment", "temperature_table",
+           "temperature_markdown", "plot_win_rate_vs_temperature", "judge_by_reward"]

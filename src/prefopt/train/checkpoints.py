@@ -5,7 +5,8 @@ the trainer state. It is written into a temporary folder; every file and folder 
 (each file's name, size and sha256) is written LAST and fsynced, and only then is the folder renamed into place.
 So a kill at any moment leaves either no checkpoint folder or a complete one, and a file damaged later (a full
 disk, a bad copy) is caught by the manifest: ``--resume auto`` skips such a checkpoint, naming the file, and
-takes the newest one that verifies. The final model is written the same way (``final.json`` last).
+takes the newest one that verifies. The final model is written the same way (``final.json`` last). Under FSDP
+the model and optimizer go into ``sharded/`` instead, each rank writing its shards (``SHARDED_DIR``).
 
 The run folder: a new run refuses a folder that holds another run (``previous_run``) unless asked to resume or
 to overwrite it (``clear_previous_run`` deletes only what prefopt wrote), and a resume warns about the options
@@ -200,6 +201,47 @@ def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
         model.tie_weights()
 
 
+SHARDED_DIR = "sharded"
+"""A checkpoint's model and optimizer written under FSDP: torch.distributed.checkpoint's files, one per rank plus
+its ``.metadata``. The keys are the parameters' plain names and the shards are resharded on load, so such a
+checkpoint resumes on another number of processes, and also in a run that does not shard at all. (With several
+nodes, ``output_dir`` must be a file system every node sees.)"""
+
+
+def sharded_state(accelerator: Accelerator) -> bool:
+    """Checkpoints of this run hold sharded state (FSDP) rather than one gathered model file."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _state_dicts(model: torch.nn.Module, optimizer) -> tuple[Any, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    optim = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper around the torch optimizer
+    return get_model_state_dict(model), get_optimizer_state_dict(model, optim)
+
+
+def save_sharded(directory: Path, model: torch.nn.Module, optimizer) -> None:
+    """Model and optimizer state through ``torch.distributed.checkpoint`` (a collective: every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+
+    model_sd, optim_sd = _state_dicts(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(directory))
+
+
+def load_sharded(directory: Path, model: torch.nn.Module, optimizer) -> None:
+    """Load what ``save_sharded`` wrote into ``model`` and ``optimizer``, resharded to this run's layout."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    model_sd, optim_sd = _state_dicts(model, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state["optimizer"])
+
+
 def _test_pause_in_save(step: int) -> None:
     """TEST HOOK, not for normal use: ``PREFOPT_TEST_PAUSE_IN_SAVE=<seconds>`` (every save) or
     ``<seconds>@<step>`` (only the save of that step) makes ``Checkpointer.save`` sleep after writing about half
@@ -225,7 +267,17 @@ class Checkpointer:
         if final in self._verified and final.is_dir():  # this step boundary is saved already
             return final
         tmp = final.with_name(final.name + ".tmp")
-        if accelerator.is_main_process:
+        if sharded_state(accelerator):
+            # every rank writes its own shards of the model and optimizer (torch.distributed.checkpoint)
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            save_sharded(tmp / SHARDED_DIR, accelerator.unwrap_model(model), optimizer)
+            if accelerator.is_main_process:
+                _test_pause_in_save(step)
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        elif accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             with quiet_progress_bars():
@@ -279,8 +331,14 @@ class Checkpointer:
 
     @staticmethod
     def load(path: Path, accelerator: Accelerator, model, optimizer, scheduler) -> dict:
-        load_model_weights(accelerator.unwrap_model(model), path / "model")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        if (path / SHARDED_DIR).is_dir():  # written under FSDP; loads on any number of processes, sharded or not
+            load_sharded(path / SHARDED_DIR, accelerator.unwrap_model(model), optimizer)
+        elif sharded_state(accelerator):
+            raise ConfigError(f"resume: {path} was written without FSDP (one gathered model file); resume it "
+                              "without FSDP (one process or DDP). Checkpoints written under FSDP resume anywhere.")
+        else:
+            load_model_weights(accelerator.unwrap_model(model), path / "model")
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rank = accelerator.process_index
         if (path / f"rng-{rank}.pt").is_file():

@@ -23,12 +23,15 @@ from tqdm.auto import tqdm
 
 from .. import losses as L
 from ..config import DPOConfig
+from ..data.prepare import default_cache_dir
+from ..data.table import Chain, fingerprint, response_counts, with_reference
 from ..data.types import TokenizedExample
 from ..errors import ConfigError
-from ..logprobs import LogpsFn, LogpsMode, forward_logps
+from ..logprobs import LogpsFn, LogpsMode, ResponseLogps, forward_logps, split_responses
 from ..models import evaluating, model_fingerprint, reference_mode, unwrap_model
 from ..packing import check_layout_support
 from .loop import StepResult, micro_batches, to_device, train
+from .sharding import describe, lockstep_chunks, place_reference, shard_policy
 from .setup import load_run_inputs, save_model_and_tokenizer
 
 ReferenceFn = Callable[[torch.nn.Module, dict], Tensor]
@@ -38,25 +41,52 @@ DPO_SUMMARY_KEYS = ("loss", "rewards/accuracies", "rewards/margins")
 
 
 class DPO:
-    """One micro-batch of a preference loss: ``step(model, batch) -> StepResult``."""
+    """One micro-batch of a preference loss: ``step(model, batch) -> StepResult``.
+
+    ``loss`` is a registered loss or several joined by commas with ``loss_weights`` (each part is logged as
+    ``loss/<name>``). Modifiers: ``wpo`` (each pair's loss times the policy's WPO weights of its two responses),
+    ``ld_alpha`` (LD-DPO: give ``logps_fn = ld_logps_fn(alpha)`` here and to the reference), ``ref_sync``
+    (TR-DPO: the reference moves at step ends). State across steps (BCO's reward shift, the last reference sync)
+    is advanced by ``end_of_step`` and saved with checkpoints through ``state_dict``/``load_state_dict``.
+    """
 
     unit = "pairs"
 
     def __init__(self, loss: str, beta: float, reference: ReferenceFn, *, label_smoothing: float = 0.0,
-                 nll_weight: float = 0.0, simpo_gamma: float = 0.5, logps_fn: LogpsFn = forward_logps):
+                 nll_weight: float = 0.0, simpo_gamma: float = 0.5, logps_fn: LogpsFn = forward_logps,
+                 loss_weights: Sequence[float | str] | None = None, wpo: bool = False,
+                 ld_alpha: float | None = None, ref_sync: "ReferenceSync | None" = None):
         self.logps_fn = logps_fn  # how ResponseLogps are computed (plain or a fast path; same numbers)
-        self.loss_name, self.loss_fn = loss, L.get_loss(loss)
+        self.parts = L.parse_loss_spec(loss, loss_weights)
+        self.loss_name = loss
+        self.loss_fn = L.get_loss(self.parts[0][0])
         self.beta, self.label_smoothing, self.nll_weight = beta, label_smoothing, nll_weight
         self.reference = reference
-        self.loss_kwargs = {"gamma": simpo_gamma} if loss == "simpo" else {}
+        names = [n for n, _ in self.parts]
+        self.loss_kwargs = {"gamma": simpo_gamma} if "simpo" in names else {}
+        self.wpo, self.ld_alpha, self.ref_sync = wpo, ld_alpha, ref_sync
+        if ld_alpha is not None and logps_fn is forward_logps:  # else the policy's log-probs would be plain DPO's
+            raise ConfigError("ld_alpha: pass logps_fn=ld_logps_fn(ld_alpha) here and to the reference "
+                              "(live_reference(ref, ld_logps_fn(ld_alpha))), as train_dpo does.")
+        if wpo and set(names) & L.BATCH_COUPLED_LOSSES:
+            raise ConfigError("wpo weighs each pair's loss, but aot / aot_pair sort the pairs of a batch.")
+        self.reward_shift = RewardShift() if "bco_pair" in names else None
 
     def step(self, model: torch.nn.Module, batch: dict) -> StepResult:
         k = batch["num_responses"]
         aux_coef = router_aux_loss_coef(model)
+        pair_weights = None
         with capture_aux_loss(model if aux_coef else None) as aux:
-            policy = self.logps_fn(model, batch).by_example(k)  # [B, K]
+            if self.wpo:
+                out, row_weights = token_level_logps(model, batch, ld_alpha=self.ld_alpha, wpo=True)
+                policy = out.by_example(k)  # [B, K]
+                w = split_responses(row_weights, k)
+                pair_weights = w[:, 0] * w[:, 1]
+            else:
+                policy = self.logps_fn(model, batch).by_example(k)  # [B, K]
         with torch.no_grad():
             ref = self.reference(model, batch).to(policy.sum.dtype)
+        parts: dict[str, Tensor] = {}
         if self.loss_name == "plackett_luce":
             losses, rewards = self.loss_fn(policy.sum, ref, beta=self.beta)
             chosen_r, rejected_r = rewards[:, 0], rewards[:, -1]
@@ -64,13 +94,31 @@ class DPO:
             if k != 2:
                 raise ConfigError(f"loss '{self.loss_name}' compares pairs; data with {k} ranked responses needs "
                                   "--loss plackett_luce.")
-            losses, chosen_r, rejected_r = self.loss_fn(
-                policy.sum[:, 0], policy.sum[:, 1], ref[:, 0], ref[:, 1], beta=self.beta,
-                label_smoothing=self.label_smoothing, chosen_lengths=policy.count[:, 0],
-                rejected_lengths=policy.count[:, 1], **self.loss_kwargs)
+            kwargs: dict[str, dict] = {"simpo": self.loss_kwargs}
+            if self.reward_shift is not None:
+                kwargs["bco_pair"] = {"delta": self.reward_shift.value}
+            if pair_weights is not None:  # WPO weighs every part (as TRL's use_weighting)
+                losses, chosen_r, rejected_r, parts = self._weighted_parts(policy, ref, kwargs, pair_weights)
+            else:
+                losses, chosen_r, rejected_r, parts = L.combine(
+                    self.parts, policy.sum[:, 0], policy.sum[:, 1], ref[:, 0], ref[:, 1], beta=self.beta,
+                    kwargs=kwargs, label_smoothing=self.label_smoothing, chosen_lengths=policy.count[:, 0],
+                    rejected_lengths=policy.count[:, 1])
+            if self.reward_shift is not None:  # what end_of_step folds into the shift (from training steps only)
+                rc = self.beta * (policy.sum[:, 0] - ref[:, 0]).detach()
+                rr = self.beta * (policy.sum[:, 1] - ref[:, 1]).detach()
+                parts[RewardShift.METRIC] = (rc + rr) / 2
         if self.nll_weight:
             losses = losses + self.nll_weight * L.chosen_nll(policy.sum[:, 0], policy.count[:, 0])
         extra = {}
+        if len(self.parts) > 1:
+            extra.update({f"loss/{name}": v for name, v in parts.items() if name != RewardShift.METRIC})
+        if RewardShift.METRIC in parts:
+            extra[RewardShift.METRIC] = parts[RewardShift.METRIC]
+        if pair_weights is not None:
+            extra["wpo_weight"] = pair_weights.detach()
+        if self.reward_shift is not None:
+            extra["bco/reward_shift"] = torch.full_like(losses.detach(), self.reward_shift.value)
         if aux_coef:  # a MoE whose config asks for its router load-balancing loss: one value per forward
             losses = losses + aux_coef * aux.value
             extra["aux_loss"] = aux.value.detach().expand_as(losses)
@@ -86,6 +134,139 @@ class DPO:
             **extra,
         }
         return StepResult(losses, metrics, tokens=batch["attention_mask"].sum())
+
+    def _weighted_parts(self, policy, ref: Tensor, kwargs: dict, pair_weights: Tensor):
+        total, parts, rewards = None, {}, None
+        for name, weight in self.parts:
+            loss, rc, rr = L.get_loss(name)(
+                policy.sum[:, 0], policy.sum[:, 1], ref[:, 0], ref[:, 1], beta=self.beta,
+                label_smoothing=self.label_smoothing, chosen_lengths=policy.count[:, 0],
+                rejected_lengths=policy.count[:, 1], **kwargs.get(name, {}))
+            loss = loss * pair_weights
+            parts[name] = loss.detach()
+            total = weight * loss if total is None else total + weight * loss
+            rewards = rewards or (rc, rr)
+        return total, rewards[0], rewards[1], parts
+
+    # state across optimizer steps: called by the training loop
+
+    def end_of_step(self, model: torch.nn.Module, accelerator: Accelerator, step: int, sums: Any = None) -> None:
+        """After optimizer step ``step`` (1-based): fold the step's rewards (``sums``: its ``MetricSums`` over every
+        process) into BCO's shift; sync the reference when due."""
+        if self.reward_shift is not None and sums is not None:
+            self.reward_shift.update(sums.sums.get(RewardShift.METRIC, 0.0), sums.examples)
+        if self.ref_sync is not None:
+            self.ref_sync.after_step(accelerator.unwrap_model(model), step)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        if self.reward_shift is not None:
+            state["bco_reward_shift"] = self.reward_shift.state_dict()
+        if self.ref_sync is not None:
+            state["ref_synced_at"] = self.ref_sync.synced_at
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], model: torch.nn.Module, accelerator: Accelerator) -> None:
+        """On resume. The moving reference's weights are not in a checkpoint: a resumed TR-DPO run restarts it
+        from the resumed policy (a hard sync), exact when the checkpoint's step was a hard-sync step."""
+        if self.reward_shift is not None and "bco_reward_shift" in state:
+            self.reward_shift.load_state_dict(state["bco_reward_shift"])
+        if self.ref_sync is not None:
+            self.ref_sync.sync(accelerator.unwrap_model(model), mix=1.0)
+            self.ref_sync.synced_at = state.get("ref_synced_at", 0)
+            accelerator.print("ref_sync_every: the reference restarts from the resumed policy (its weights are not "
+                              "part of a checkpoint)")
+
+
+class RewardShift:
+    """BCO's reward shift delta: the mean of (r_c + r_r) / 2 over every training pair of the finished steps.
+
+    Each step logs the per-pair value as the metric ``bco/pair_reward``; the loop hands the step's sums over its
+    examples (all processes, filler micro-batches excluded) to ``DPO.end_of_step``, which adds them here. So within
+    a step the shift is fixed and the update does not depend on how the step is cut into micro-batches or
+    processes. The first step uses 0. Saved with checkpoints (``state_dict``)."""
+
+    METRIC = "bco/pair_reward"
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    @property
+    def value(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    def update(self, total: float, count: float) -> None:
+        self.total += float(total)
+        self.count += int(round(count))
+
+    def state_dict(self) -> dict[str, float]:
+        return {"total": self.total, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.total, self.count = float(state["total"]), int(state["count"])
+
+
+class ReferenceSync:
+    """TR-DPO (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good Alignment"): every ``every``
+    optimizer steps, ref <- mix * policy + (1 - mix) * ref, parameter by parameter (mix 1: the hard update)."""
+
+    def __init__(self, reference: torch.nn.Module, every: int, mix: float):
+        if every < 1 or not 0 < mix <= 1:
+            raise ConfigError(f"ref sync needs every >= 1 and mix in (0, 1], got every={every}, mix={mix}")
+        self.reference, self.every, self.mix = reference, every, mix
+        self.synced_at = 0
+
+    def check(self, policy: torch.nn.Module) -> None:
+        ours = {n: p.shape for n, p in unwrap_model(policy).named_parameters()}
+        theirs = {n: p.shape for n, p in self.reference.named_parameters()}
+        if ours != theirs:
+            raise ConfigError("ref_sync_every mixes the policy's weights into the reference, so both must have the "
+                              "same parameters; the reference model (ref_model) has others.")
+
+    def sync(self, policy: torch.nn.Module, mix: float | None = None) -> None:
+        mix = self.mix if mix is None else mix
+        src = dict(unwrap_model(policy).named_parameters())
+        with torch.no_grad():
+            for name, p in self.reference.named_parameters():
+                if name not in src or src[name].shape != p.shape:  # e.g. a sharded (FSDP) policy
+                    raise RuntimeError(f"ref sync: the policy's parameter {name!r} is missing or has another shape "
+                                       "than the reference's (sharded parameters are not supported)")
+                q = src[name].detach().to(p.device, p.dtype)
+                if mix == 1.0:
+                    p.copy_(q)
+                else:
+                    p.mul_(1.0 - mix).add_(q, alpha=mix)
+
+    def after_step(self, policy: torch.nn.Module, step: int) -> None:
+        if step % self.every == 0:
+            self.sync(policy)
+            self.synced_at = step
+
+
+def token_level_logps(model: torch.nn.Module, batch: dict, *, ld_alpha: float | None = None,
+                      wpo: bool = False) -> tuple[ResponseLogps, Tensor | None]:
+    """Summed response log-probs from full logits of the plain padded batch, with the per-token modifiers:
+    LD-DPO's token weights (``ld_alpha``: the tokens past the shorter response of a pair weigh alpha) and WPO's
+    row weights (``wpo``: exp(mean log p - log sum_v p_v^2), no gradient). Returns (logps [K*B], weights or None);
+    counts stay the real response lengths."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits[:, :-1].float()
+    labels, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
+    log_norm = torch.logsumexp(logits, dim=-1)
+    per_token = (logits.gather(-1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1) - log_norm) * mask
+    weights = None
+    if wpo:
+        with torch.no_grad():
+            log_sum_sq = torch.logsumexp(2 * logits.detach(), dim=-1) - 2 * log_norm.detach()
+            weights = L.wpo_weights(per_token.detach(), log_sum_sq, mask)
+    if ld_alpha is not None:
+        per_token = per_token * L.ld_token_weights(mask, batch["num_responses"], ld_alpha)
+    return ResponseLogps(per_token.sum(-1), mask.sum(-1)), weights
+
+
+def ld_logps_fn(alpha: float) -> LogpsFn:
+    """LD-DPO's log-probs as a ``LogpsFn`` (for the policy and the reference alike)."""
+    return lambda model, batch: token_level_logps(model, batch, ld_alpha=alpha)[0]
 
 
 def router_aux_loss_coef(model: torch.nn.Module) -> float:
@@ -172,13 +353,28 @@ REFERENCE_SOURCES = {
 }
 
 
+def reference_place(source: str, precomputed: bool) -> str:
+    """Where a run's reference lives, for the start-of-run line (``source``: a key of ``REFERENCE_SOURCES``)."""
+    if source == "none":
+        return "none (reference-free)"
+    if source == "adapters":
+        return "LoRA adapters off (the policy itself)" + ("; log-probs precomputed before training" if precomputed
+                                                          else "")
+    model = {"ref_model": "the ref_model", "copy": "a copy of the policy",
+             "initial_policy": "the policy itself (no copy)"}[source]
+    if precomputed:
+        return f"precomputed: one pass through {model} before training" + (
+            ", then freed" if source != "initial_policy" else "")
+    return f"live: {model}, frozen, placed like the policy (sharded under FSDP2)"
+
+
 def reference_source(cfg: DPOConfig) -> str:
     """Where a DPO run's reference log-probs come from (a key of ``REFERENCE_SOURCES``): decided here only.
 
     A separate frozen model is loaded only for "ref_model" and "copy"; "initial_policy" is the precomputed pass
     over the policy before its first update, and "adapters" needs no second copy of the weights either.
     """
-    if cfg.reference_free or cfg.loss in L.REFERENCE_FREE_LOSSES:
+    if cfg.reference_free or cfg.reference_free_loss:
         return "none"
     if cfg.ref_model:
         return "ref_model"
@@ -188,14 +384,8 @@ def reference_source(cfg: DPOConfig) -> str:
 
 
 def data_fingerprint(items: Sequence[TokenizedExample]) -> str:
-    h = hashlib.sha256()
-    for ex in items:
-        h.update(repr((ex.prompt_ids, ex.response_ids)).encode())
-    return h.hexdigest()
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("PREFOPT_CACHE", Path.home() / ".cache" / "prefopt"))
+    """A digest of exactly the token ids of ``items`` (a table names its own without reading its rows)."""
+    return fingerprint(items)
 
 
 def precompute_reference(reference: ReferenceFn, policy: torch.nn.Module, items: Sequence[TokenizedExample],
@@ -219,8 +409,10 @@ def precompute_reference(reference: ReferenceFn, policy: torch.nn.Module, items:
     mine = list(range(accelerator.process_index, len(items), accelerator.num_processes))
     rows: list[Tensor] = []
     with evaluating(policy), torch.no_grad():
-        for chunk in tqdm(micro_batches(mine, micro_batch_size), desc="reference log-probs",
-                          disable=not progress, dynamic_ncols=True):
+        # a sharded policy: every rank runs as many forwards; the filler chunks' rows fall off the zip below
+        most = -(-len(items) // accelerator.num_processes)
+        for chunk, _ in tqdm(lockstep_chunks(mine, micro_batch_size, accelerator, most=most),
+                             desc="reference log-probs", disable=not progress, dynamic_ncols=True):
             batch = to_device(collate([items[i] for i in chunk]), accelerator.device)
             with accelerator.autocast():
                 rows.extend(reference(policy, batch).float().cpu())
@@ -250,17 +442,27 @@ def train_dpo(cfg: DPOConfig, accelerator: Accelerator | None = None) -> dict[st
     source = reference_source(cfg)
     run = load_run_inputs(cfg, accelerator, kind="preferences", with_reference=source in ("ref_model", "copy"),
                           ref_model=cfg.ref_model)
-    policy, tokenizer = run.model, run.tokenizer
-    ks = {ex.num_responses for ex in run.train_items + run.eval_items}
+    policy, tokenizer = shard_policy(run.model, accelerator), run.tokenizer  # FSDP2: sharded before any pass
+    ks = response_counts(run.train_items, run.eval_items)
     if len(ks) > 1:
         raise ConfigError(f"every example must have the same number of responses; found {sorted(ks)}.")
     if ks != {2} and cfg.loss != "plackett_luce":
         raise ConfigError(f"the data ranks {ks.pop()} responses per prompt; use --loss plackett_luce "
                           f"(loss '{cfg.loss}' compares pairs).")
 
+    coupled = sorted({name for name, _ in cfg.loss_parts} & L.BATCH_COUPLED_LOSSES)
+    if coupled and cfg.micro_batch_size * accelerator.num_processes < cfg.batch_size:
+        accelerator.print(f"note: {', '.join(coupled)} sort log-ratios within each micro-batch of "
+                          f"{cfg.micro_batch_size} pairs, not over the step's {cfg.batch_size}: the update depends on "
+                          "micro_batch_size (batch_size / processes sorts each process's whole share of a step)")
     mode = LogpsMode.from_config(cfg)
     accelerator.print(mode.describe(policy, cfg.micro_batch_size * max(ks, default=2) * cfg.max_length))
     logps_fn = mode.logps_fn()
+    if cfg.ld_alpha is not None:  # LD-DPO: the same token weights for the policy and the reference
+        logps_fn = ld_logps_fn(cfg.ld_alpha)
+    if cfg.ld_alpha is not None or cfg.wpo:
+        accelerator.print("log-probs: wpo / ld_alpha read per-token values from the full logits of each "
+                          "micro-batch (no LM-head chunking)")
     if source == "none":
         reference: ReferenceFn = zero_reference
     elif source == "adapters":
@@ -268,7 +470,8 @@ def train_dpo(cfg: DPOConfig, accelerator: Accelerator | None = None) -> dict[st
     elif source == "initial_policy":
         reference = live_reference(policy, logps_fn)
     else:
-        reference = live_reference(run.reference.to(accelerator.device), logps_fn)
+        run.reference = place_reference(run.reference, accelerator)  # FSDP2: sharded like the policy, frozen
+        reference = live_reference(run.reference, logps_fn)
     if mode.layout is not None and router_aux_loss_coef(policy):
         raise ConfigError(f"{type(unwrap_model(policy)).__name__} adds its router load-balancing loss "
                           "(config.output_router_logits), which is computed over the tokens of a forward: the "
@@ -282,24 +485,33 @@ def train_dpo(cfg: DPOConfig, accelerator: Accelerator | None = None) -> dict[st
     collate = make_collate(tokenizer.pad_token_id, mode=mode)
     accelerator.print(f"reference: {REFERENCE_SOURCES[source]}"
                       + (", log-probs precomputed before training" if cfg.precomputes_reference else ""))
+    accelerator.print(describe(accelerator, reference_place(source, cfg.precomputes_reference)))
 
     if cfg.precomputes_reference:
         # the key holds everything that can change the numbers: weights, precision and the log-prob mode
         model_key = model_fingerprint(run.reference if run.reference is not None else policy)
         model_key += f"|{cfg.dtype}|{cfg.mixed_precision}|{mode.key}"
-        all_items = run.train_items + run.eval_items
+        if cfg.ld_alpha is not None:
+            model_key += f"|ld_alpha={cfg.ld_alpha}"
+        all_items = Chain(run.train_items, run.eval_items)
         logps, path, cached = precompute_reference(
-            reference, policy.to(accelerator.device), all_items, collate, micro_batch_size=cfg.micro_batch_size * 2,
+            reference, policy, all_items, collate, micro_batch_size=cfg.micro_batch_size * 2,
             accelerator=accelerator, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
             model_key=model_key, progress=cfg.progress and accelerator.is_local_main_process)
-        for ex, row in zip(all_items, logps):
-            ex.meta["reference_logps"] = row
+        n_train = len(run.train_items)  # kept beside the tables as one tensor, not per row
+        run.train_items = with_reference(run.train_items, logps[:n_train])
+        run.eval_items = with_reference(run.eval_items, logps[n_train:]) if len(run.eval_items) else run.eval_items
         accelerator.print(f"reference log-probs: {'read from cache' if cached else 'computed and cached'} {path}")
         reference = precomputed_reference
         run.reference = None  # the frozen copy is no longer needed: free its memory
 
+    ref_sync = None
+    if cfg.ref_sync_every:  # validate() made sure the reference is a model of its own, run live
+        ref_sync = ReferenceSync(run.reference, cfg.ref_sync_every, cfg.ref_sync_mix)
+        ref_sync.check(policy)
     method = DPO(cfg.loss, cfg.beta, reference, label_smoothing=cfg.label_smoothing, nll_weight=cfg.nll_weight,
-                 simpo_gamma=cfg.simpo_gamma, logps_fn=logps_fn)
+                 simpo_gamma=cfg.simpo_gamma, logps_fn=logps_fn, loss_weights=cfg.loss_weights, wpo=cfg.wpo,
+                 ld_alpha=cfg.ld_alpha, ref_sync=ref_sync)
     return train(cfg, model=policy, method=method, train_items=run.train_items, collate=collate,
                  eval_items=run.eval_items or None, accelerator=accelerator,
                  save_final=lambda out: save_model_and_tokenizer(accelerator.unwrap_model(policy), tokenizer, out),
@@ -308,4 +520,4 @@ def train_dpo(cfg: DPOConfig, accelerator: Accelerator | None = None) -> dict[st
 
 __all__ = ["DPO", "train_dpo", "live_reference", "adapter_reference", "precomputed_reference", "zero_reference",
            "precompute_reference", "make_collate", "data_fingerprint", "reference_source", "REFERENCE_SOURCES",
-           "DPO_SUMMARY_KEYS"]
+           "DPO_SUMMARY_KEYS", "RewardShift", "ReferenceSync", "token_level_logps", "ld_logps_fn"]

@@ -12,6 +12,9 @@ per-example metrics for one micro-batch. The loop owns everything else:
   step; they are written to a temporary folder, fsynced, given a manifest (sizes, sha256) last and renamed, so a
   kill never leaves a half-written checkpoint and a damaged one is skipped on resume; the final model is written
   the same way;
+* the engine (DDP, FSDP2) is accelerate's; ``train/sharding.py`` adds what sharding needs on top: every process
+  runs as many micro-batches as the others (filler ones of weight 0 where an epoch's last step or an eval set does
+  not divide), checkpoints go through ``torch.distributed.checkpoint`` and the final model is gathered on rank 0;
 * SIGINT and SIGTERM stop at the next step boundary with a checkpoint (``train/signals.py``); a non-finite
   gradient norm stops the run (or skips the step) before the optimizer step, naming the examples.
 
@@ -45,6 +48,7 @@ from ..models import evaluating, quiet_progress_bars
 from .checkpoints import (Checkpointer, clear_previous_run, config_differences, find_checkpoint,
                           load_model_weights, previous_run, refuse_used_output_dir, resume_from, save_final_model, step_dirs,
                           verify_checkpoint, write_atomic)
+from .sharding import check_supported, gathered_for_save, lockstep_chunks, rank_share, reshard, use_engine
 from .signals import StopAtStepEnd, StopOnSignal, StopRequested
 
 
@@ -61,19 +65,26 @@ class StepResult:
 
 
 class Method(Protocol):
+    """Optional hooks ``train()`` calls when a method has them: ``end_of_step(model, accelerator, step, sums)``
+    after each optimizer step (``sums``: the step's ``MetricSums`` over its examples on every process),
+    ``state_dict()`` (saved in each checkpoint) and ``load_state_dict(state, model, accelerator)`` on resume."""
+
     unit: str  # what an example is called in throughput metrics: "pairs", "examples", ...
 
     def step(self, model: torch.nn.Module, batch: dict) -> StepResult: ...
 
 
 class BatchSchedule:
-    """Which examples form optimizer step s: a seeded permutation per epoch, cut into global batches."""
+    """Which examples form optimizer step s: a seeded permutation per epoch, cut into global batches.
 
-    def __init__(self, num_items: int, batch_size: int, seed: int):
+    ``keep_tail``: an epoch ends with a smaller step holding the last ``num_items % batch_size`` examples, so it
+    covers every example exactly once; without it that partial batch is dropped."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, *, keep_tail: bool = False):
         if num_items < batch_size:
             raise ConfigError(f"batch_size ({batch_size}) is larger than the training set ({num_items} examples).")
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
-        self.steps_per_epoch = num_items // batch_size  # the last partial batch of an epoch is dropped
+        self.steps_per_epoch = -(-num_items // batch_size) if keep_tail else num_items // batch_size
         self._perm: tuple[int, Tensor] | None = None
 
     def epoch_of(self, step: int) -> int:
@@ -383,8 +394,9 @@ class Run:
         if self.cfg.max_grad_norm > 0:
             grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         else:
-            grad_norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if hasattr(grad_norm, "full_tensor"):  # a sharded (DTensor) norm: the global one
+            grad_norm = grad_norm.full_tensor()
         lr = self.scheduler.get_last_lr()[0]
         finite = bool(torch.isfinite(grad_norm))  # the one host synchronisation of the check
         if finite:
@@ -468,8 +480,9 @@ class Run:
         elapsed = time.perf_counter() - self.log.started
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            self._save_final(save_final)
+        with gathered_for_save(self.model, accelerator):  # under FSDP every rank joins the gather
+            if accelerator.is_main_process:
+                self._save_final(save_final)
         summary = write_summary(self.output_dir, steps=self.step, total_steps=self.total_steps,
                                 resumed_from=self.start_step if self.resumed_from else None, seconds=elapsed,
                                 train_row=self.log.last_row, eval_row=self.log.last_eval,
@@ -490,12 +503,17 @@ def start_run(cfg: TrainConfig, model: torch.nn.Module, accelerator: Accelerator
 
     ``checkpoint_state(step)`` adds a method's own state to each checkpoint's ``trainer_state.json`` (read back
     from ``run.state`` on resume)."""
+    use_engine(accelerator)
+    check_supported(model, accelerator)
+    reshard(model)  # a model sharded early (a pass before training) is handed over as shards
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters.")
     optimizer = build_optimizer(cfg, params)
     scheduler = build_scheduler(cfg, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP replaces the parameters with sharded ones (the optimizer is switched to them by prepare): clip those
+    params = [p for p in model.parameters() if p.requires_grad]
     return Run(cfg, accelerator, model, optimizer, scheduler, params, total_steps=total_steps,
                checkpoint_state=checkpoint_state, unit=unit, summary_keys=summary_keys, desc=desc, bar_unit=bar_unit)
 
@@ -510,11 +528,15 @@ def evaluate(model, method: Method, items: Sequence[Any], collate: Callable[[Seq
     model = accelerator.unwrap_model(model)  # no DDP collectives: shards may differ in size (or be empty)
     sums = MetricSums()
     mine = list(range(accelerator.process_index, len(items), accelerator.num_processes))
+    most = math.ceil(len(items) / accelerator.num_processes)  # a sharded model: every rank runs as many forwards
     with evaluating(model), torch.no_grad():
-        for chunk in micro_batches(mine, micro_batch_size):
+        for chunk, real in lockstep_chunks(mine, micro_batch_size, accelerator, most=most):
             batch = to_device(collate([items[i] for i in chunk]), accelerator.device)
             with accelerator.autocast():
-                sums.add(method.step(model, batch))
+                result = method.step(model, batch)
+            if real:
+                sums.add(result)
+    reshard(model)
     return sums.reduce(accelerator, keys_may_differ=True)
 
 
@@ -522,18 +544,35 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_ite
           collate: Callable[[Sequence[Any]], dict], eval_items: Sequence[Any] | None = None,
           accelerator: Accelerator | None = None, save_final: Callable[[Path], None] | None = None,
           summary_keys: Sequence[str] = ("loss",)) -> dict[str, Any]:
-    """Train ``model`` with ``method`` on ``train_items``; returns a summary dict (also in summary.json)."""
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+    """Train ``model`` with ``method`` on ``train_items``; returns a summary dict (also in summary.json).
+
+    Each epoch covers every example exactly once: its last step holds the ``len % batch_size`` examples left over
+    (a smaller step, its loss the mean over those examples), split across the processes as evenly as it goes. A
+    process with fewer micro-batches in such a step runs filler ones with weight 0, so every process joins each
+    gradient synchronisation (DDP) and each sharded forward and backward (FSDP)."""
+    accelerator = use_engine(accelerator or Accelerator(mixed_precision=cfg.mixed_precision))
     world = accelerator.num_processes
-    per_process = cfg.batch_size // world
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size "
                           f"({cfg.micro_batch_size}) x processes ({world}).")
-    schedule = BatchSchedule(len(train_items), cfg.batch_size, cfg.seed)
+    streamed = hasattr(train_items, "restore")  # data.stream: read as training goes, indexed by stream position
+    schedule = train_items.schedule(cfg.batch_size) if streamed else \
+        BatchSchedule(len(train_items), cfg.batch_size, cfg.seed, keep_tail=True)
     total_steps = cfg.max_steps or cfg.epochs * schedule.steps_per_epoch
+    accum = cfg.batch_size // (cfg.micro_batch_size * world)
+    accelerator.print(f"global batch {cfg.batch_size} = micro-batch {cfg.micro_batch_size} x accumulation {accum} "
+                      f"x processes {world}")
+    method_state = getattr(method, "state_dict", None)  # a method's own state across steps (optional)
     run = start_run(cfg, model, accelerator, total_steps=total_steps, unit=method.unit, summary_keys=summary_keys,
-                    checkpoint_state=lambda step: {"epoch": schedule.epoch_of(step), "seed": cfg.seed})
+                    checkpoint_state=lambda step: {"epoch": schedule.epoch_of(step), "seed": cfg.seed,
+                                                   **({"method": method_state()} if method_state else {}),
+                                                   **(train_items.state(step) if streamed else {})})
     model = run.model
+    if run.resumed_from is not None and hasattr(method, "load_state_dict"):
+        method.load_state_dict(run.state.get("method", {}), model, accelerator)
+    if run.resumed_from is not None and streamed:
+        train_items.restore(run.state)  # the stream continues at the row after the checkpoint's step
+    end_of_step = getattr(method, "end_of_step", None)  # called after each optimizer step (see Method)
 
     def run_eval() -> dict:
         return {"step": run.step, **evaluate(model, method, eval_items, collate, cfg.micro_batch_size,
@@ -541,15 +580,23 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_ite
 
     nan_step = _test_nan_step()
     model.train()
+    rank = accelerator.process_index
     with run.stop_on_interrupt():
         while run.step < total_steps:
             t0 = time.perf_counter()
             global_idx = schedule.indices(run.step)
-            rank = accelerator.process_index
-            chunks = micro_batches(global_idx[rank * per_process:(rank + 1) * per_process], cfg.micro_batch_size)
+            start, end = rank_share(len(global_idx), rank, world)
+            chunks = micro_batches(global_idx[start:end], cfg.micro_batch_size)
+            if world > 1:  # the same number of micro-batches on every process (a short last step)
+                most = math.ceil(math.ceil(len(global_idx) / world) / cfg.micro_batch_size)
+                chunks = [(c, True) for c in chunks] + [([global_idx[0]], False)] * (most - len(chunks))
+            else:
+                chunks = [(c, True) for c in chunks]
+            real = [c for c, is_real in chunks if is_real]
+            scale = world / len(global_idx)  # the step's loss is the mean over its examples
             step_sums = MetricSums()
             loss_sums: list[Tensor] = []  # per micro-batch, on the device: read back only to name a bad one
-            for i, chunk in enumerate(chunks):
+            for i, (chunk, is_real) in enumerate(chunks):
                 batch = to_device(collate([train_items[j] for j in chunk]), accelerator.device)
                 sync = contextlib.nullcontext() if i == len(chunks) - 1 else accelerator.no_sync(model)
                 with sync:
@@ -557,14 +604,18 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_ite
                         result = method.step(model, batch)
                     if nan_step == run.step + 1 and i == 0:  # the PREFOPT_TEST_NAN_AT_STEP test hook
                         result.losses = result.losses * float("nan")
-                    accelerator.backward(result.losses.sum() * (world / cfg.batch_size))
-                step_sums.add(result)
-                loss_sums.append(result.losses.detach().float().sum())
+                    accelerator.backward(result.losses.sum() * (scale if is_real else 0.0))
+                if is_real:
+                    step_sums.add(result)
+                    loss_sums.append(result.losses.detach().float().sum())
             grad_norm, lr = run.optimizer_step(
-                blame=lambda: _blame_micro_batches(loss_sums, chunks, train_items, rank, world))
+                blame=lambda: _blame_micro_batches(loss_sums, real, train_items, rank, world))
             run.step += 1
             step_sums.seconds = time.perf_counter() - t0
-            run.log.step_done(run.step, schedule.epoch_of(run.step - 1), sums=step_sums.reduce(accelerator),
+            step_sums = step_sums.reduce(accelerator)
+            if end_of_step is not None:  # the step's metric sums over its real examples, all processes
+                end_of_step(model, accelerator, run.step, step_sums)
+            run.log.step_done(run.step, schedule.epoch_of(run.step - 1), sums=step_sums,
                               last={"lr": lr, "grad_norm": grad_norm})
             run.end_of_step(run_eval if eval_items else None)
     return run.finish(run_eval if eval_items else None, save_final)

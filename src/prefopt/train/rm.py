@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..config import RMConfig
 from ..data import collate_preferences
+from ..data.table import response_counts
 from ..errors import ConfigError
 from ..logprobs import split_responses
 from ..models import (DTYPES, apply_lora, disable_dropout, enable_gradient_checkpointing, load_tokenizer,
@@ -104,7 +105,7 @@ def train_rm(cfg: RMConfig, accelerator: Accelerator | None = None) -> dict[str,
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_preference_items(cfg, tokenizer, accelerator)
-    ks = {ex.num_responses for ex in train_items + eval_items}
+    ks = response_counts(train_items, eval_items)
     if len(ks) > 1:
         raise ConfigError(f"every example must have the same number of responses; found {sorted(ks)}.")
     model = build_reward_model(cfg.model, tokenizer, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)

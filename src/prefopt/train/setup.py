@@ -9,13 +9,14 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from accelerate import Accelerator
 
 from ..config import TrainConfig, check_length_limits
-from ..data import load_preferences, tokenize_examples
+from ..data.prepare import default_cache_dir, input_files, prepare_data
+from ..data.table import TokenizedTable
 from ..data.types import TokenizedExample
 from ..errors import ConfigError
 from ..models import (apply_lora, disable_dropout, enable_gradient_checkpointing, load_model, load_tokenizer,
@@ -27,8 +28,8 @@ from .checkpoints import refuse_used_output_dir
 class RunInputs:
     model: torch.nn.Module
     tokenizer: Any
-    train_items: list[TokenizedExample]
-    eval_items: list[TokenizedExample] = field(default_factory=list)
+    train_items: Sequence[TokenizedExample]
+    eval_items: Sequence[TokenizedExample] = field(default_factory=list)
     reference: torch.nn.Module | None = None
 
 
@@ -68,8 +69,11 @@ def resolve_length_limits(cfg: TrainConfig, say=print) -> None:
 
 
 def load_preference_items(cfg: TrainConfig, tokenizer: Any, accelerator: Accelerator, *, kind: str = "preferences",
-                          from_preferences: bool = False) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
-    """Train and eval examples, tokenized with exact prompt/response boundaries.
+                          from_preferences: bool = False) -> tuple[Sequence[TokenizedExample],
+                                                                   Sequence[TokenizedExample]]:
+    """Train and eval examples, tokenized with exact prompt/response boundaries, as memory-mapped tables
+    (``data.prepare``): read from the cache when it holds them, else prepared by the local main process of each
+    node while the other processes wait, then mapped by all.
 
     kind: "preferences" (K >= 2 ranked responses) or "sft" (one target response each, see data/sft.py; with
     ``from_preferences``, the chosen responses of preference data).
@@ -77,42 +81,45 @@ def load_preference_items(cfg: TrainConfig, tokenizer: Any, accelerator: Acceler
 
     refuse_used_output_dir(cfg)
     resolve_length_limits(cfg, accelerator.print)
+    cache = None if cfg.no_data_cache else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
 
-    def load(path: str, what: str) -> list[TokenizedExample]:
-        if kind == "sft":
-            from ..data.sft import load_sft, tokenize_sft
-
-            examples, report = load_sft(path, format=cfg.data_format, split=cfg.split, skip_bad=cfg.skip_bad_rows,
-                                        from_preferences=from_preferences)
-            tokenize = tokenize_sft
-        else:
-            examples, report = load_preferences(path, format=cfg.data_format, split=cfg.split,
-                                                skip_bad=cfg.skip_bad_rows, vocab_size=len(tokenizer))
-            tokenize = tokenize_examples
+    def load(path: str, what: str) -> TokenizedTable:
+        main = accelerator.is_local_main_process
+        with accelerator.local_main_process_first():
+            prepared = prepare_data(
+                path, tokenizer, kind=kind, from_preferences=from_preferences, format=cfg.data_format,
+                split=cfg.split, skip_bad=cfg.skip_bad_rows, max_length=cfg.max_length,
+                max_prompt_length=cfg.max_prompt_length, num_proc=cfg.num_proc, cache_dir=cache,
+                work_dir=Path(cfg.output_dir) / "data" / what.split()[0], reuse=not main,
+                progress=cfg.progress and main, desc=f"{what}: reading and tokenizing")
+        report, tok_report = prepared.load_report, prepared.tokenize_report
         accelerator.print(f"{what}: {report.summary()}")
-        items, tok_report = tokenize(examples, tokenizer, max_length=cfg.max_length,
-                                     max_prompt_length=cfg.max_prompt_length)
         if tok_report.truncated or tok_report.dropped:
             accelerator.print(f"{what}: {tok_report.summary()}")
         check = report.validation  # the data validation report: reading, then tokenization drops
-        if tok_report.dropped:
-            from collections import Counter
-
-            kept = Counter(t.source for t in items)
-            for ex in examples:
-                if kept[ex.source] > 0:
-                    kept[ex.source] -= 1
-                else:
-                    check.drop("too_long", ex.source)
         check.check()
         if not check.clean():
             accelerator.print(f"{what}: {check.summary()}")
-        if not items:
+        if not len(prepared.table):
             raise ConfigError(f"{what}: no usable examples in {path}.\n{check.summary()}")
-        return items
+        how = ("read from the cache" if prepared.cached and cache is not None else
+               "prepared" + (" and cached" if cache is not None and input_files(path) else ""))
+        accelerator.print(f"{what}: {len(prepared.table)} examples {how} in {prepared.seconds:.1f} s "
+                          f"({prepared.location}" + ("; --no-data-cache skips the cache)" if cache else ")"))
+        return prepared.table
 
-    train_items = load(cfg.data, "train data")
-    eval_items: list[TokenizedExample] = []
+    if cfg.streaming:
+        from ..data.stream import StreamedExamples
+
+        train_items: Sequence[TokenizedExample] = StreamedExamples(
+            cfg.data, tokenizer, kind=kind, format=cfg.data_format, split=cfg.split, skip_bad=cfg.skip_bad_rows,
+            max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, shuffle_buffer=cfg.shuffle_buffer,
+            seed=cfg.seed, batch_size=cfg.batch_size)
+        accelerator.print(f"train data: streamed from {cfg.data} as training goes (shuffle buffer "
+                          f"{cfg.shuffle_buffer:,}; rows are validated and tokenized when the steps reach them)")
+    else:
+        train_items = load(cfg.data, "train data")
+    eval_items: Sequence[TokenizedExample] = []
     if cfg.eval_data:
         eval_items = load(cfg.eval_data, "eval data")
     elif cfg.eval_fraction > 0:
@@ -120,8 +127,8 @@ def load_preference_items(cfg: TrainConfig, tokenizer: Any, accelerator: Acceler
         random.Random(cfg.seed).shuffle(order)
         n_eval = max(1, round(cfg.eval_fraction * len(order)))
         held = set(order[:n_eval])
-        eval_items = [x for i, x in enumerate(train_items) if i in held]
-        train_items = [x for i, x in enumerate(train_items) if i not in held]
+        eval_items = train_items.select(sorted(held))
+        train_items = train_items.select(i for i in range(len(train_items)) if i not in held)
     return train_items, eval_items
 
 
