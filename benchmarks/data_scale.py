@@ -67,6 +67,19 @@ def pss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
 
 
+def mapping_pss_mb(path: Path) -> float:
+    """The PSS of this process's mappings of ``path`` (its share of the file's pages in memory)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header line
+                inside = len(head) >= 6 and head[5] == str(path)
+            elif inside and line.startswith("Pss:"):
+                total += int(head[1])
+    return total / 1024
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Workers (each runs in its own process)
 
@@ -138,30 +151,42 @@ def worker_plain(spec: dict) -> dict:
 
 
 def worker_map(spec: dict) -> dict:
-    """Map the cached table (as a rank of a run would) and read every row; the PSS the data added."""
-    from prefopt.data.prepare import prepare_data
-    from prefopt.models import load_tokenizer
+    """Map the cached table (as a rank of a run does) and read every row; the PSS the data added.
 
-    import pyarrow.ipc  # noqa: F401 - imported before the first reading, so only the data is measured
-
-    import prefopt.data.table  # noqa: F401
-
-    tok = load_tokenizer(spec["model"])
-    before = pss_mb()
-    table = prepare_data(spec["data"], tok, max_length=1024, max_prompt_length=512, cache_dir=spec["cache"],
-                         progress=False).table
-    n = sum(len(ex.prompt_ids) for ex in table)
+    The table is opened and dropped once first, so that what loading pyarrow's and numpy's code costs a process
+    (about 35 MB of private memory, whatever the data) is not counted as data."""
     import ctypes
     import gc
 
-    gc.collect()  # the rows read above are garbage: hand their heap back, so only the mapping is measured
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    if spec.get("wait"):  # hold the mapping until the other process has read too
-        Path(spec["ready"]).write_text("1")
-        deadline = time.time() + 120
-        while not Path(spec["wait"]).exists() and time.time() < deadline:
-            time.sleep(0.05)
-    return {"data_pss_mb": pss_mb() - before, "tokens": n}
+    from prefopt.data.table import TokenizedTable
+
+    folder = next(Path(spec["cache"]).glob("data/*/"))
+    digest = json.loads((folder / "report.json").read_text())["digest"]
+
+    def settle() -> float:
+        gc.collect()  # rows read are garbage: hand their heap back, so only the mapping is measured
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return pss_mb()
+
+    warm = TokenizedTable.open(folder / "tokenized.arrow", digest)
+    warm[0]
+    del warm
+    before = settle()
+    table = TokenizedTable.open(folder / "tokenized.arrow", digest)
+    n = sum(len(ex.prompt_ids) for ex in table)
+
+    def barrier(phase: str) -> None:  # with a second process: both reach ``phase`` before either goes on
+        if spec.get("wait"):
+            Path(spec["ready"] + phase).write_text("1")
+            deadline = time.time() + 120
+            while not Path(spec["wait"] + phase).exists() and time.time() < deadline:
+                time.sleep(0.05)
+
+    barrier(".read")  # both hold the mapping, every row read ...
+    out = {"data_pss_mb": settle() - before, "mapping_pss_mb": mapping_pss_mb(folder / "tokenized.arrow"),
+           "tokens": n, "table_mb": (folder / "tokenized.arrow").stat().st_size / 2**20}
+    barrier(".measured")  # ... and keep it until both have measured
+    return out
 
 
 WORKERS = {"prefopt": worker_prefopt, "datasets": worker_datasets, "plain": worker_plain, "map": worker_map}
@@ -175,9 +200,10 @@ def run_worker(kind: str, spec: dict, timeout: int = 3600) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def two_ranks(spec: dict) -> tuple[float, float]:
-    """(PSS of the data in one process alone, in two processes together)."""
-    one = run_worker("map", spec)["data_pss_mb"]
+def two_ranks(spec: dict) -> dict:
+    """The PSS the data adds to one process alone and to two processes together (the whole process, and the
+    table's mapping alone)."""
+    one = run_worker("map", spec)  # a process of its own; then two at once
     with tempfile.TemporaryDirectory() as d:
         flags = [Path(d) / "a", Path(d) / "b"]
         procs = [subprocess.Popen([sys.executable, __file__, "--worker", "map",
@@ -185,7 +211,8 @@ def two_ranks(spec: dict) -> tuple[float, float]:
                                   stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
                  for i in range(2)]
         outs = [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs]
-    return one, sum(o["data_pss_mb"] for o in outs)
+    return {"table_mb": one["table_mb"], "one_mb": one["data_pss_mb"], "two_mb": sum(o["data_pss_mb"] for o in outs),
+            "one_mapping_mb": one["mapping_pss_mb"], "two_mapping_mb": sum(o["mapping_pss_mb"] for o in outs)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         row["datasets_cached"] = run_worker("datasets", dspec)
         if n <= args.plain_up_to:
             row["plain"] = run_worker("plain", spec)
-        row["pss_one_mb"], row["pss_two_mb"] = two_ranks(spec)
+        row["pss"] = two_ranks(spec)
         results.append(row)
         print(json.dumps(row), flush=True)
         for p in (data,):
@@ -236,16 +263,17 @@ def table(results: list[dict], num_proc: int) -> str:
     lines = [f"| pairs | JSONL MB | prefopt first: prepare s (peak RSS MB at data ready) | prefopt cached: prepare s "
              "(peak RSS MB at data ready) | "
              f"datasets.map ({num_proc} proc) first s (peak MB) | datasets cached s | plain path s (peak MB) | "
-             "data PSS: 1 proc / 2 procs MB |",
+             "data PSS, 1 process / 2 processes together, MB: whole process (table's mapping) |",
              "|---:|---:|---|---|---|---|---|---|"]
     for r in results:
         f, c, d, dc = r["prefopt_first"], r["prefopt_cached"], r["datasets_first"], r["datasets_cached"]
+        q = r["pss"]
         plain = f"{r['plain']['prepare_s']:.1f} ({r['plain']['peak_mb']:.0f})" if "plain" in r else "-"
         lines.append(f"| {r['pairs']:,} | {r['file_mb']} | {f['prepare_s']:.1f} ({f['data_peak_mb']:.0f}; workers "
                      f"{f['workers_peak_mb']:.0f}) | {c['prepare_s']:.2f} ({c['data_peak_mb']:.0f}) | "
                      f"{d['prepare_s']:.1f} "
-                     f"({d['peak_mb']:.0f}) | {dc['prepare_s']:.1f} | {plain} | {r['pss_one_mb']:.0f} / "
-                     f"{r['pss_two_mb']:.0f} |")
+                     f"({d['peak_mb']:.0f}) | {dc['prepare_s']:.1f} | {plain} | {q['one_mb']:.0f} / {q['two_mb']:.0f} "
+                     f"({q['one_mapping_mb']:.0f} / {q['two_mapping_mb']:.0f}) |")
     return "\n".join(lines)
 
 
