@@ -304,3 +304,22 @@ def test_ended_with_eos_is_checked_against_the_ids(tok, tmp_path):
         prepare_data(path, tok, progress=False)
     skipped = prepare_data(path, tok, skip_bad=True, progress=False)
     assert skipped.load_report.validation.counts == {"ended_mismatch": 1} and len(skipped.table) == 1
+
+
+def test_sft_from_exact_pairs_trains_the_chosen_ids(tok, tmp_path):
+    eos = tok.eos_token_id
+    rows = [{"prompt_ids": [1, 5, 6], "chosen_ids": [7, 8, eos], "rejected_ids": [9, eos],
+             "chosen_ended_with_eos": True, "rejected_ended_with_eos": True},  # ids only, no text at all
+            {"prompt": "p", "chosen": " cut", "rejected": " r", "prompt_ids": [1, 5], "chosen_ids": [11, 12],
+             "rejected_ids": [13, eos], "chosen_ended_with_eos": False, "rejected_ended_with_eos": True}]
+    path = write_jsonl(rows, tmp_path / "pairs.jsonl")
+    (a, b), _ = tokenize_sft(load_sft(path, from_preferences=True)[0], tok)
+    assert (a.prompt_ids, a.response_ids) == ([1, 5, 6], [[7, 8, eos]])
+    assert (b.prompt_ids, b.response_ids) == ([1, 5], [[11, 12]])  # cut at the limit: no EOS added
+    table = prepare_data(path, tok, kind="sft", from_preferences=True, progress=False).table
+    assert [(x.prompt_ids, x.response_ids) for x in table] == [(a.prompt_ids, a.response_ids),
+                                                               (b.prompt_ids, b.response_ids)]
+    bad = dict(rows[0], chosen_ids=[7, len(tok) + 5, eos])
+    with pytest.raises(DataError, match="outside the vocabulary"):
+        prepare_data(write_jsonl([bad], tmp_path / "bad.jsonl"), tok, kind="sft", from_preferences=True,
+                     progress=False)

@@ -240,7 +240,7 @@ def prepare_data(path: Any, tokenizer: Any, *, kind: str = "preferences", from_p
     elif kind == "sft":
         from .sft import sft_reader
 
-        detect, convert, key_of = sft_reader(format, from_preferences)
+        detect, convert, key_of = sft_reader(format, from_preferences, len(tokenizer), end_token_ids(tokenizer))
     else:
         raise ValueError(f"unknown data kind {kind!r}")
     options = {"kind": kind, "from_preferences": from_preferences, "format": format, "split": split,

@@ -43,12 +43,17 @@ class SFTExample:
     ``conversation`` is set for multi-turn data (more than one assistant turn): the whole conversation up to
     its last assistant turn, every assistant turn of which is trained. ``prompt``/``response`` then hold the
     split at the last assistant turn (what a single-turn reader would see).
+
+    ``prompt_ids``/``response_ids``: the exact token ids of a chosen response read from an exact-sample pair
+    (``from_preferences`` on what ``prefopt label`` writes); they are trained as they are, like DPO does.
     """
 
     prompt: Text
     response: Text
     source: str = "<memory>"
     conversation: list[Message] | None = None
+    prompt_ids: list[int] | None = None
+    response_ids: list[int] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,16 +125,26 @@ def load_sft(path: Any, *, format: str = "auto", split: str | None = None, skip_
                          duplicate_key=key)
 
 
-def sft_reader(format: str = "auto", from_preferences: bool = False) -> Reader:
-    """The reader of SFT data (``load_sft``'s rules): SFT rows, or the chosen responses of preference rows."""
+def sft_reader(format: str = "auto", from_preferences: bool = False, vocab_size: int | None = None,
+               end_ids: frozenset[int] | None = None) -> Reader:
+    """The reader of SFT data (``load_sft``'s rules): SFT rows, or the chosen responses of preference rows
+    (exact-sample ids checked against ``vocab_size`` and ``end_ids`` as ``preference_reader`` does)."""
     if from_preferences:
-        detect, to_pref, pair_key = preference_reader(format)
+        detect, to_pref, pair_key = preference_reader(format, vocab_size, end_ids)
 
         def chosen(row: dict, source: str, fmt: str) -> SFTExample:
             ex = to_pref(row, source, fmt)
+            if ex.response_ids is not None:  # an exact sample: its chosen ids, not a re-tokenization of its text
+                return SFTExample(ex.prompt, ex.chosen, ex.source, prompt_ids=ex.prompt_ids,
+                                  response_ids=ex.response_ids[0])
             return SFTExample(ex.prompt, ex.chosen, ex.source)
 
-        return detect, chosen, lambda ex: pair_key(PreferenceExample(ex.prompt, [ex.response]))
+        def key(ex: SFTExample) -> Any:
+            if ex.response_ids is not None:
+                return (ex.prompt_ids, ex.response_ids)
+            return pair_key(PreferenceExample(ex.prompt, [ex.response]))
+
+        return detect, chosen, key
     if format != "auto" and format not in SFT_FORMATS:
         hint = " (a preference format: add --from-preferences)" if format in PREFERENCE_FORMATS else ""
         raise ConfigError(f"unknown SFT data format '{format}'{hint}; choose one of: auto, {', '.join(SFT_FORMATS)}")
@@ -215,7 +230,10 @@ def _tokenize_sft(ex: SFTExample, tokenizer: Any, sp: SpecialTokens, max_length:
                   max_prompt_length: int | None) -> TokenizedExample | None:
     if ex.conversation is not None:
         return _tokenize_turns(ex, tokenizer, sp, max_length, max_prompt_length)
-    return tokenize_example(PreferenceExample(ex.prompt, [ex.response], ex.source), tokenizer,
+    exact = ex.response_ids is not None
+    return tokenize_example(PreferenceExample(ex.prompt, [ex.response], ex.source,
+                                              prompt_ids=ex.prompt_ids if exact else None,
+                                              response_ids=[ex.response_ids] if exact else None), tokenizer,
                             max_length=max_length, max_prompt_length=max_prompt_length, specials=sp)
 
 
