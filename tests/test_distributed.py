@@ -55,7 +55,10 @@ def test_an_eval_set_smaller_than_the_processes(tiny_model_dir, synthetic_pairs,
             "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "1", "--progress", "false",
             "--max-length", "96", "--max-prompt-length", "48", "--precompute-ref", "false"]
     assert main(args + ["--output-dir", str(tmp_path / "one")]) == 0
-    two_processes(args + ["--output-dir", str(tmp_path / "two")], port=29518)
+    # without the data cache the local main process writes the tables into the run and the other one maps them
+    # (it fails if it finds none: it never tokenizes itself)
+    two_processes(args + ["--output-dir", str(tmp_path / "two"), "--no-data-cache"], port=29518)
+    assert all((tmp_path / "two" / "data" / part / "tokenized.arrow").is_file() for part in ("train", "eval"))
     one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert one[-1]["eval/loss"] == pytest.approx(two[-1]["eval/loss"], rel=1e-5)
