@@ -203,6 +203,14 @@ def test_no_cache_and_input_in_memory(tok, tmp_path):
     assert other_rank.cached and all(same(x, y) for x, y in zip(made.table, other_rank.table))
     with pytest.raises(DataError, match="missing"):
         prepare_data(path, tok, cache_dir=None, work_dir=tmp_path / "nothing", reuse=True, progress=False)
+    again = prepare_data(path, tok, cache_dir=None, work_dir=work, progress=False)  # its own table: replaced
+    assert not again.cached and len(again.table) == 20
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    with pytest.raises(DataError, match="other files"):  # a folder that is not a table of ours is never deleted
+        prepare_data(path, tok, cache_dir=None, work_dir=mine, progress=False)
+    assert (mine / "notes.txt").read_text() == "a user's file"
 
 
 def test_a_failed_preparation_leaves_no_cache_entry(tok, tmp_path, monkeypatch):
@@ -289,7 +297,7 @@ def test_training_reads_the_cached_table(tiny_model_dir, synthetic_pairs, tmp_pa
     assert "read from the cache" in capsys.readouterr().out
     third = run("c", no_data_cache=True)
     out = capsys.readouterr().out
-    assert "read from the cache" not in out and (tmp_path / "c" / "data" / "train" / "tokenized.arrow").is_file()
+    assert "read from the cache" not in out and (tmp_path / "c" / "tokenized" / "train" / "tokenized.arrow").is_file()
     key = lambda rows: [(r.get("step"), r.get("loss"), r.get("eval/loss")) for r in rows]  # noqa: E731
     assert key(first) == key(second) == key(third)
 

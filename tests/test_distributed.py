@@ -58,7 +58,7 @@ def test_an_eval_set_smaller_than_the_processes(tiny_model_dir, synthetic_pairs,
     # without the data cache the local main process writes the tables into the run and the other one maps them
     # (it fails if it finds none: it never tokenizes itself)
     two_processes(args + ["--output-dir", str(tmp_path / "two"), "--no-data-cache"], port=29518)
-    assert all((tmp_path / "two" / "data" / part / "tokenized.arrow").is_file() for part in ("train", "eval"))
+    assert all((tmp_path / "two" / "tokenized" / part / "tokenized.arrow").is_file() for part in ("train", "eval"))
     one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert one[-1]["eval/loss"] == pytest.approx(two[-1]["eval/loss"], rel=1e-5)

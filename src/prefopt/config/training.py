@@ -43,7 +43,7 @@ class TrainConfig:
     shuffle_buffer: int = 10000
     """With streaming: examples held in the seeded shuffle buffer (0 or 1: file order)."""
     no_data_cache: bool = False
-    """Do not read or write the tokenized-data cache (the table is then written to OUTPUT_DIR/data/)."""
+    """Do not read or write the tokenized-data cache (the table is then written to OUTPUT_DIR/tokenized/)."""
     cache_dir: str | None = None
     """Where tokenized data and precomputed reference log-probs are cached (default: $PREFOPT_CACHE or
     ~/.cache/prefopt)."""

@@ -314,6 +314,9 @@ def prepare_data(path: Any, tokenizer: Any, *, kind: str = "preferences", from_p
                 meta = json.loads((final / REPORT_FILE).read_text())
                 table = TokenizedTable.open(final / TABLE_FILE, meta["digest"], keepalive)
                 return PreparedData(table, load, tok, False, time.perf_counter() - t0, final)
+            if not set(os.listdir(final)) <= {TABLE_FILE, REPORT_FILE}:  # not a table of ours: never delete it
+                raise DataError(f"{final} exists and holds other files than a prepared table; move them, or choose "
+                                "another output folder", source=str(path), reason="not_found")
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:

@@ -90,7 +90,7 @@ def load_preference_items(cfg: TrainConfig, tokenizer: Any, accelerator: Acceler
                 path, tokenizer, kind=kind, from_preferences=from_preferences, format=cfg.data_format,
                 split=cfg.split, skip_bad=cfg.skip_bad_rows, max_length=cfg.max_length,
                 max_prompt_length=cfg.max_prompt_length, num_proc=cfg.num_proc, cache_dir=cache,
-                work_dir=Path(cfg.output_dir) / "data" / what.split()[0], reuse=not main,
+                work_dir=Path(cfg.output_dir) / "tokenized" / what.split()[0], reuse=not main,
                 progress=cfg.progress and main, desc=f"{what}: reading and tokenizing")
         report, tok_report = prepared.load_report, prepared.tokenize_report
         accelerator.print(f"{what}: {report.summary()}")
