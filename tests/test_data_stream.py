@@ -81,6 +81,7 @@ def test_bad_rows_and_too_long_rows_in_a_stream(tiny_model_dir, tmp_path):
     v = lenient.report.validation
     assert v.counts == {"identical_responses": 1, "too_long": 1}
     assert v.occurrences["too_long"] == [(f"{path}:10", None)]
+    assert "too_long" in lenient.summary() and f"{path}:6" in lenient.summary()
 
 
 def cfg(model, data, out, **kw):

@@ -79,6 +79,7 @@ class StreamedExamples:
         self._raw_total = 0    # over all epochs: what a checkpoint records
         self._next = 0         # the next stream position to assign
         self._window: dict[int, tuple[TokenizedExample, dict]] = {}  # position -> (example, stream state after it)
+        self._kept_from = 0    # the window holds no position below this
         self._raw_stream = self._open(skip=0)
 
     # -- reading ------------------------------------------------------------------------------------------
@@ -137,8 +138,10 @@ class StreamedExamples:
                 raise IndexError(f"stream position {position} was already passed (positions must increase)")
             self._fill(position)
         step_start = position - position % self.batch_size
-        for p in [p for p in self._window if p < step_start]:  # the window keeps the current step only
-            del self._window[p]
+        if step_start > self._kept_from:  # a new step: the window keeps the current step's positions only
+            for p in [p for p in self._window if p < step_start]:
+                del self._window[p]
+            self._kept_from = step_start
         return self._window[position][0]
 
     def __iter__(self):
@@ -148,6 +151,12 @@ class StreamedExamples:
         """K of the stream's first example (a batch that mixes K is refused when it is collated)."""
         return {self[self._next].num_responses if not self._window else next(iter(self._window.values()))[0]
                 .num_responses}
+
+    def summary(self) -> str:
+        """What the stream has read so far: rows, kept, and every skipped or dropped row by kind with file:line."""
+        v = self.report.validation
+        return f"train data (streamed): {v.summary()}" if not v.clean() else \
+            f"train data (streamed): {v.rows} rows read, all kept"
 
     def schedule(self, batch_size: int) -> "StreamSchedule":
         return StreamSchedule(self, batch_size)
@@ -168,7 +177,7 @@ class StreamedExamples:
         self._epoch = state["stream_epoch"]
         self._raw = state["stream_epoch_raw"]
         self._raw_total = state["stream_raw"]
-        self._next = state["stream_next"]
+        self._next = self._kept_from = state["stream_next"]
         self._window.clear()
         self._raw_stream = self._open(skip=self._raw)
 

@@ -618,6 +618,8 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_ite
             run.log.step_done(run.step, schedule.epoch_of(run.step - 1), sums=step_sums,
                               last={"lr": lr, "grad_norm": grad_norm})
             run.end_of_step(run_eval if eval_items else None)
+    if streamed:  # its rows were validated as the steps read them: report what was skipped or dropped
+        accelerator.print(train_items.summary())
     return run.finish(run_eval if eval_items else None, save_final)
 
 
