@@ -132,3 +132,22 @@ def test_resumed_streaming_run_equals_uninterrupted(tiny_model_dir, synthetic_pa
     for step in a:
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-6), step
         assert b[step]["rewards/margins"] == pytest.approx(a[step]["rewards/margins"], abs=1e-6), step
+
+
+def test_a_stream_with_nothing_that_fits_stops_instead_of_looping(tiny_model_dir, synthetic_pairs):
+    tok = load_tokenizer(tiny_model_dir)
+    stream = StreamedExamples(synthetic_pairs, tok, shuffle_buffer=0, batch_size=4, max_length=2,
+                              max_prompt_length=1)
+    with pytest.raises(ConfigError, match="too long for max_length"):
+        stream[0]
+
+
+def test_sft_from_preferences_streams_the_chosen_responses(tiny_model_dir, synthetic_pairs):
+    from prefopt.data.sft import load_sft, tokenize_sft
+
+    tok = load_tokenizer(tiny_model_dir)
+    plain, _ = tokenize_sft(load_sft(synthetic_pairs, from_preferences=True)[0], tok)
+    stream = StreamedExamples(synthetic_pairs, tok, kind="sft", from_preferences=True, shuffle_buffer=0,
+                              batch_size=4)
+    assert [(stream[i].prompt_ids, stream[i].response_ids) for i in range(len(plain))] == \
+        [(x.prompt_ids, x.response_ids) for x in plain]

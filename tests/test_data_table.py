@@ -45,12 +45,46 @@ def same(a, b) -> bool:
     return (a.prompt_ids, a.response_ids, a.source, a.meta) == (b.prompt_ids, b.response_ids, b.source, b.meta)
 
 
+O200K_SPLIT = ("[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+"
+               "|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*"
+               "|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+
+
+def o200k_like():
+    """Byte-level BPE with GPT-4o's (o200k) style split, whose punctuation runs go on across newlines into "/"."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(O200K_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    corpus = ["a:\n x", "?b ?b", "code // x", "x // y"] * 30  # merges "//", "?b" and ":\n", never "//?" or ":\n//"
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|end|>")
+
+
 def test_which_tokenizers_split_at_line_starts(tok):
     got = {name: splits_at_line_starts(t) for name, t in tokenizers(tok).items()}
     assert got == {"tiny (GPT-2 byte level)": True, "llama3 split": True, "gpt2 regex": True, "sentencepiece": False}
+    assert not splits_at_line_starts(o200k_like())  # a regex not checked to cut at line starts: the plain way
 
 
-TEXT = st.lists(st.sampled_from(list("ab cd\n\t.,!1é") + ["  ", "\n\n", "Human:", "Assistant:", " the"]),
+def test_a_regex_that_runs_across_line_starts_is_tokenized_the_plain_way():
+    t = o200k_like()
+    cases = [PreferenceExample(p, [r, " other"], "<o200k>") for p, r in
+             [("Comment:\n//", "?b"), ("b?\n//", "?b"), ("a!\n/", "/ x")]]
+    plain = [tokenize_example(ex, t) for ex in cases]
+    assert all(same(a, b) for a, b in zip(plain, tokenize_batch(cases, t)))
+    forced = tokenize_batch(cases, t, line_cuts=True)  # what the cut would have given: other ids
+    assert not all(same(a, b) for a, b in zip(plain, forced))
+
+
+TEXT = st.lists(st.sampled_from(list("ab cd\n\t.,!1é/?'\r") + ["  ", "\n\n", "Human:", "Assistant:", " the", "12345",
+                                                             "\u0301", "//"]),
                 max_size=16).map("".join)
 
 
@@ -271,11 +305,18 @@ def test_sft_table_equals_the_plain_path_multi_turn_masks_included(tok, tmp_path
     assert "loss_mask" in prepare_data(path, tok, kind="sft", progress=False).table[0].meta
 
 
-def test_cache_key_names_the_files_content(tok, tmp_path):
+def test_cache_key_names_the_files_content(tok, tmp_path, tiny_model_dir):
     a = write_jsonl(hh_rows(3), tmp_path / "a.jsonl")
     files = input_files(a)
     key = cache_key(files, tok, {"x": 1})
     assert key == cache_key(files, tok, {"x": 1}) != cache_key(files, tok, {"x": 2})
+    splitting = load_tokenizer(tiny_model_dir)
+    splitting.split_special_tokens = True  # changes ids without changing the serialized pipeline
+    assert cache_key(files, splitting, {"x": 1}) != key
+    table = prepare_data(a, tok, progress=False).table
+    assert [x.source for x in table.select([-1, 0])] == [table[2].source, table[0].source]
+    with pytest.raises(IndexError):
+        table.select([3])
     assert input_files([{"a": 1}]) is None and input_files("some/hub-name") is None
 
 

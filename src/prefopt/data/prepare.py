@@ -44,7 +44,7 @@ from .table import TableWriter, TokenizedTable, record_batch
 from .tokenize import SpecialTokens, TokenizeReport, end_token_ids, tokenize_batch
 from .validation import ValidationReport
 
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2
 """Part of every cache key: raise it when a change to reading or tokenization can change the ids."""
 
 CHUNK = 512
@@ -114,7 +114,8 @@ def tokenizer_digest(tokenizer: Any) -> str:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(json.dumps({"special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
                          "ids": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
-                         "len": len(tokenizer), "template": getattr(tokenizer, "chat_template", None)},
+                         "len": len(tokenizer), "template": getattr(tokenizer, "chat_template", None),
+                         "split_special_tokens": getattr(tokenizer, "split_special_tokens", False)},
                         sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -203,6 +204,18 @@ class _Workers:
 
 # ---------------------------------------------------------------------------------------------------------
 # Preparing
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename into ``path`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _report_json(load: LoadReport, tok: TokenizeReport) -> dict:
@@ -306,8 +319,11 @@ def prepare_data(path: Any, tokenizer: Any, *, kind: str = "preferences", from_p
         tok.total = check.kept + tok.dropped
         finish_report(load)  # raises the whole report when a row is bad and skip_bad is off
         digest = writer.close()
-        (tmp / REPORT_FILE).write_text(json.dumps({"digest": digest, "report": _report_json(load, tok),
-                                                   "options": options, "input": str(path)}, default=str))
+        with open(tmp / REPORT_FILE, "w") as f:
+            f.write(json.dumps({"digest": digest, "report": _report_json(load, tok), "options": options,
+                                "input": str(path)}, default=str))
+            f.flush()
+            os.fsync(f.fileno())
         if final.exists():
             if files:  # another run prepared the same table meanwhile: use theirs
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -318,7 +334,16 @@ def prepare_data(path: Any, tokenizer: Any, *, kind: str = "preferences", from_p
                 raise DataError(f"{final} exists and holds other files than a prepared table; move them, or choose "
                                 "another output folder", source=str(path), reason="not_found")
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another run renamed its table into place a moment ago: use theirs
+            if not (files and (final / REPORT_FILE).is_file()):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            meta = json.loads((final / REPORT_FILE).read_text())
+            return PreparedData(TokenizedTable.open(final / TABLE_FILE, meta["digest"], keepalive), load, tok,
+                                False, time.perf_counter() - t0, final)
+        _fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

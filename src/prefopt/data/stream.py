@@ -57,7 +57,8 @@ class StreamedExamples:
     and a window keeps only the positions of the current step. ``state(step)`` / ``restore(state)`` carry the
     exact position through a checkpoint."""
 
-    def __init__(self, path: Any, tokenizer: Any, *, kind: str = "preferences", format: str = "auto",
+    def __init__(self, path: Any, tokenizer: Any, *, kind: str = "preferences", from_preferences: bool = False,
+                 format: str = "auto",
                  split: str | None = None, skip_bad: bool = False, max_length: int | None = None,
                  max_prompt_length: int | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                  seed: int = 0, batch_size: int = 1, chunk: int = 256):
@@ -68,7 +69,7 @@ class StreamedExamples:
         else:
             from .sft import sft_reader
 
-            self._reader = sft_reader(format)
+            self._reader = sft_reader(format, from_preferences, len(tokenizer), end_token_ids(tokenizer))
         self.path, self.split, self.skip_bad, self.format = path, split, skip_bad, format
         self.shuffle_buffer, self.seed, self.batch_size, self.chunk = shuffle_buffer, seed, batch_size, chunk
         self._tokenize: Callable[[list], list] = chunk_tokenizer(kind, tokenizer, max_length, max_prompt_length)
@@ -80,6 +81,7 @@ class StreamedExamples:
         self._next = 0         # the next stream position to assign
         self._window: dict[int, tuple[TokenizedExample, dict]] = {}  # position -> (example, stream state after it)
         self._kept_from = 0    # the window holds no position below this
+        self._epoch_start = 0  # the first position of this epoch
         self._raw_stream = self._open(skip=0)
 
     # -- reading ------------------------------------------------------------------------------------------
@@ -110,9 +112,12 @@ class StreamedExamples:
                 if len(raws) == self.chunk:
                     break
             if not raws:  # the end of an epoch of the stream: start the next one, newly shuffled
-                if self._raw == 0:
-                    raise ConfigError(f"the stream {self.path} holds no usable examples")
+                if self._next == self._epoch_start:
+                    raise ConfigError(f"the stream {self.path} holds no usable examples: "
+                                      + (f"all {self._raw} rows read were too long for max_length"
+                                         if self._raw else "no rows"))
                 self._epoch += 1
+                self._epoch_start = self._next
                 self._raw = 0
                 self._raw_stream = self._open(skip=0)
                 continue
@@ -177,7 +182,7 @@ class StreamedExamples:
         self._epoch = state["stream_epoch"]
         self._raw = state["stream_epoch_raw"]
         self._raw_total = state["stream_raw"]
-        self._next = self._kept_from = state["stream_next"]
+        self._next = self._kept_from = self._epoch_start = state["stream_next"]
         self._window.clear()
         self._raw_stream = self._open(skip=self._raw)
 

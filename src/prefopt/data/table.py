@@ -158,6 +158,9 @@ class TokenizedTable(Sequence):
     def select(self, indices: Iterable[int]) -> "TokenizedTable":
         """The rows ``indices`` of this view, in that order (no data is copied)."""
         picked = np.asarray(list(indices), dtype=np.int64)
+        if picked.size and (picked.min() < -len(self) or picked.max() >= len(self)):
+            raise IndexError(f"rows {picked.min()}..{picked.max()} out of range for {len(self)} examples")
+        picked = picked % max(len(self), 1)  # negative indices count from the end, as for a list
         base = picked if self.indices is None else self.indices[picked]
         ref = None if self.reference_logps is None else self.reference_logps[picked]
         return self._view(base, ref)

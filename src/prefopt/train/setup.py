@@ -112,7 +112,7 @@ def load_preference_items(cfg: TrainConfig, tokenizer: Any, accelerator: Acceler
         from ..data.stream import StreamedExamples
 
         train_items: Sequence[TokenizedExample] = StreamedExamples(
-            cfg.data, tokenizer, kind=kind, format=cfg.data_format, split=cfg.split, skip_bad=cfg.skip_bad_rows,
+            cfg.data, tokenizer, kind=kind, from_preferences=from_preferences, format=cfg.data_format, split=cfg.split, skip_bad=cfg.skip_bad_rows,
             max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, shuffle_buffer=cfg.shuffle_buffer,
             seed=cfg.seed, batch_size=cfg.batch_size)
         accelerator.print(f"train data: streamed from {cfg.data} as training goes (shuffle buffer "
