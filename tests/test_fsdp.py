@@ -124,6 +124,20 @@ def test_fsdp2_sft_equals_one_process(tiny_model_dir, synthetic_pairs, tmp_path)
 
 @needs_torchrun
 @pytest.mark.slow
+def test_fsdp2_kto_equals_one_process(tiny_model_dir, synthetic_pairs, tmp_path):
+    """KTO's live reference is placed like DPO's: sharded with the policy under FSDP2."""
+    args = ["kto", "--model", str(tiny_model_dir), "--data", str(synthetic_pairs), "--optimizer", "adamw",
+            "--lr", "1e-3", "--warmup-steps", "2", "--batch-size", "8", "--micro-batch-size", "2", "--max-steps",
+            "3", "--progress", "false", "--max-length", "96", "--max-prompt-length", "48"]
+    assert main(args + ["--output-dir", str(tmp_path / "one")]) == 0
+    out = launch(["-m", "prefopt.cli", *args, "--output-dir", str(tmp_path / "two")], port=29551)
+    assert "engine: FSDP2, 2 process(es)" in out, out
+    logged, weights = max_diffs(tmp_path / "one", tmp_path / "two", ("loss",))
+    assert logged < 1e-5 and weights < 1e-5, (logged, weights)
+
+
+@needs_torchrun
+@pytest.mark.slow
 def test_fsdp2_checkpoint_resumes_on_two_and_on_one_process(tiny_model_dir, synthetic_pairs, tmp_path):
     """A sharded checkpoint at step 2 of 4, resumed with 2 FSDP processes and with 1 unsharded process: both
     finish with the uninterrupted run's numbers and weights."""

@@ -31,6 +31,7 @@ from ..errors import ConfigError
 from ..logprobs import LogpsFn, forward_logps
 from ..models import load_tokenizer
 from .dpo import ReferenceFn, adapter_reference, live_reference
+from .sharding import describe, place_reference, shard_policy
 from .loop import StepResult, train
 from .setup import load_policy, resolve_length_limits, save_model_and_tokenizer
 
@@ -111,13 +112,14 @@ def train_kto(cfg: KTOConfig, accelerator: Accelerator | None = None) -> dict[st
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_kto_items(cfg, tokenizer, accelerator)
     policy, ref_model = load_policy(cfg, with_reference=not cfg.lora or bool(cfg.ref_model), ref_model=cfg.ref_model)
+    policy = shard_policy(policy, accelerator)  # FSDP2: sharded before any pass (as for DPO)
     if ref_model is not None:
-        reference: ReferenceFn = live_reference(ref_model.to(accelerator.device))
-        accelerator.print("reference: " + ("the model given by ref_model" if cfg.ref_model
-                                           else "a frozen copy of the initial policy"))
+        reference: ReferenceFn = live_reference(place_reference(ref_model, accelerator))  # frozen, placed like it
+        where = "the model given by ref_model" if cfg.ref_model else "a frozen copy of the initial policy"
     else:
         reference = adapter_reference(accelerator.unwrap_model)
-        accelerator.print("reference: the policy with its LoRA adapters switched off")
+        where = "the policy with its LoRA adapters switched off"
+    accelerator.print(describe(accelerator, where))
     method = KTO(cfg.beta, reference, desirable_weight=cfg.desirable_weight,
                  undesirable_weight=cfg.undesirable_weight)
     return train(cfg, model=policy, method=method, train_items=train_items,
