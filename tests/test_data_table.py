@@ -372,3 +372,21 @@ def test_sft_from_exact_pairs_trains_the_chosen_ids(tok, tmp_path):
     with pytest.raises(DataError, match="outside the vocabulary"):
         prepare_data(write_jsonl([bad], tmp_path / "bad.jsonl"), tok, kind="sft", from_preferences=True,
                      progress=False)
+
+
+def test_another_run_finishing_first_shares_its_cache_entry(tok, tmp_path, monkeypatch):
+    path = write_jsonl(hh_rows(30), tmp_path / "d.jsonl")
+    cache = tmp_path / "cache"
+    real = prepare.finish_report
+    other = {}
+
+    def other_run_finishes_first(report):  # right before this run renames its table into place
+        real(report)
+        monkeypatch.setattr(prepare, "finish_report", real)
+        other["run"] = prepare_data(path, tok, cache_dir=cache, progress=False)
+
+    monkeypatch.setattr(prepare, "finish_report", other_run_finishes_first)
+    mine = prepare_data(path, tok, cache_dir=cache, progress=False)
+    assert not other["run"].cached and not mine.cached and mine.location == other["run"].location
+    assert all(same(a, b) for a, b in zip(mine.table, other["run"].table)) and len(mine.table) == 30
+    assert [p.name for p in (cache / "data").iterdir()] == [mine.location.name]  # no temporary folder left

@@ -74,8 +74,17 @@ class PreparedData:
     load_report: LoadReport
     tokenize_report: TokenizeReport
     cached: bool
+    """Read from a table already there (the cache, or the one the local main process wrote)."""
     seconds: float
     location: Path
+    in_cache: bool = False
+    """The table lives in the shared cache (not in a run folder or a temporary one)."""
+
+
+def _open_prepared(folder: Path, keepalive: Any) -> tuple[TokenizedTable, dict]:
+    """The table of a finished preparation folder, and its report.json."""
+    meta = json.loads((folder / REPORT_FILE).read_text())
+    return TokenizedTable.open(folder / TABLE_FILE, meta["digest"], keepalive), meta
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,10 +277,9 @@ def prepare_data(path: Any, tokenizer: Any, *, kind: str = "preferences", from_p
         keepalive = tempfile.TemporaryDirectory(prefix="prefopt-data-")
         final = Path(keepalive.name) / "table"
     if (files or reuse) and (final / REPORT_FILE).is_file():
-        meta = json.loads((final / REPORT_FILE).read_text())
+        table, meta = _open_prepared(final, keepalive)
         load, tok = _report_from_json(meta["report"])
-        table = TokenizedTable.open(final / TABLE_FILE, meta["digest"], keepalive)
-        return PreparedData(table, load, tok, True, time.perf_counter() - t0, final)
+        return PreparedData(table, load, tok, True, time.perf_counter() - t0, final, bool(files))
     if reuse:
         raise DataError(f"the prepared table is missing from {final} (the local main process should have "
                         "written it)", source=str(path), reason="not_found")
@@ -324,31 +332,25 @@ def prepare_data(path: Any, tokenizer: Any, *, kind: str = "preferences", from_p
                                 "input": str(path)}, default=str))
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():
-            if files:  # another run prepared the same table meanwhile: use theirs
-                shutil.rmtree(tmp, ignore_errors=True)
-                meta = json.loads((final / REPORT_FILE).read_text())
-                table = TokenizedTable.open(final / TABLE_FILE, meta["digest"], keepalive)
-                return PreparedData(table, load, tok, False, time.perf_counter() - t0, final)
+        if final.exists() and not files:  # a run folder's table from before: replaced, if it is one of ours
             if not set(os.listdir(final)) <= {TABLE_FILE, REPORT_FILE}:  # not a table of ours: never delete it
                 raise DataError(f"{final} exists and holds other files than a prepared table; move them, or choose "
                                 "another output folder", source=str(path), reason="not_found")
             shutil.rmtree(final)
         try:
-            os.replace(tmp, final)
-        except OSError:  # another run renamed its table into place a moment ago: use theirs
+            os.replace(tmp, final)  # fails onto a cache entry that another run renamed into place meanwhile
+        except OSError:
             if not (files and (final / REPORT_FILE).is_file()):
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            meta = json.loads((final / REPORT_FILE).read_text())
-            return PreparedData(TokenizedTable.open(final / TABLE_FILE, meta["digest"], keepalive), load, tok,
-                                False, time.perf_counter() - t0, final)
+            shutil.rmtree(tmp, ignore_errors=True)  # the same inputs, so the same table: use theirs
+            table, _ = _open_prepared(final, keepalive)
+            return PreparedData(table, load, tok, False, time.perf_counter() - t0, final, True)
         _fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     table = TokenizedTable.open(final / TABLE_FILE, digest, keepalive)
-    return PreparedData(table, load, tok, False, time.perf_counter() - t0, final)
+    return PreparedData(table, load, tok, False, time.perf_counter() - t0, final, bool(files))
 
 
 __all__ = ["prepare_data", "PreparedData", "default_cache_dir", "cache_key", "tokenizer_digest", "input_files",

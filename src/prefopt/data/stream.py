@@ -149,6 +149,11 @@ class StreamedExamples:
             self._kept_from = step_start
         return self._window[position][0]
 
+    @property
+    def epoch(self) -> int:
+        """The epoch the stream is reading (counted from 0)."""
+        return self._epoch
+
     def __iter__(self):
         raise TypeError("a streamed data set is read by position, step by step (it has no end to iterate to)")
 
@@ -195,7 +200,7 @@ class StreamSchedule:
         self.steps_per_epoch = None
 
     def epoch_of(self, step: int) -> int:
-        return self.stream._epoch
+        return self.stream.epoch
 
     def indices(self, step: int) -> list[int]:
         return list(range(step * self.batch_size, (step + 1) * self.batch_size))

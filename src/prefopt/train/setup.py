@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 
 from ..config import TrainConfig, check_length_limits
-from ..data.prepare import default_cache_dir, input_files, prepare_data
+from ..data.prepare import default_cache_dir, prepare_data
 from ..data.table import TokenizedTable
 from ..data.types import TokenizedExample
 from ..errors import ConfigError
@@ -102,8 +102,8 @@ def load_preference_items(cfg: TrainConfig, tokenizer: Any, accelerator: Acceler
             accelerator.print(f"{what}: {check.summary()}")
         if not len(prepared.table):
             raise ConfigError(f"{what}: no usable examples in {path}.\n{check.summary()}")
-        how = ("read from the cache" if prepared.cached and cache is not None else
-               "prepared" + (" and cached" if cache is not None and input_files(path) else ""))
+        how = ("read from the cache" if prepared.cached and prepared.in_cache else
+               "prepared" + (" and cached" if prepared.in_cache else ""))
         accelerator.print(f"{what}: {len(prepared.table)} examples {how} in {prepared.seconds:.1f} s "
                           f"({prepared.location}" + ("; --no-data-cache skips the cache)" if cache else ")"))
         return prepared.table
