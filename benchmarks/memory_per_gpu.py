@@ -1,4 +1,4 @@
-"""Memory per GPU of a DPO run, by option (one GPU, DDP, ZeRO-2, FSDP2 / ZeRO-3, LoRA), computed from a model config.
+"""Memory per GPU of a DPO run, by option (one GPU, DDP, FSDP2, DeepSpeed ZeRO-2/3, LoRA), computed from a model config.
 
 Nothing here is measured: the numbers follow from the parameter count (the model is built on the meta device,
 so the count is exact and costs no memory) and from what each engine keeps on each GPU:
@@ -9,13 +9,17 @@ so the count is exact and costs no memory) and from what each engine keeps on ea
 * optimizer: AdamW's two float32 moments, 8 bytes a trained parameter;
 * reference: a live frozen copy in the policy's dtype (4 bytes a parameter), or nothing when precomputed (the
   default) or with LoRA (the policy with its adapters switched off);
-* sharding over N GPUs: DDP keeps everything whole; ZeRO-2 splits gradients and optimizer state; FSDP2 full shard
-  and ZeRO-3 split weights, gradients, optimizer state and a live reference, plus the gathered bfloat16 weights of
-  the unit being computed and the one prefetched (two decoder layers);
+* sharding over N GPUs: DDP keeps everything whole; FSDP2 full shard splits weights, gradients, optimizer state
+  and a live reference, plus the gathered bfloat16 weights of the unit being computed and the one prefetched (two
+  decoder layers);
+* DeepSpeed (its bf16 mode, as examples/accelerate/zero*.yaml set it): the module's weights and gradients are
+  bfloat16 (2 bytes each), the float32 master weights live in the optimizer state beside AdamW's moments (12 bytes
+  a trained parameter); ZeRO-2 splits gradients and optimizer state, ZeRO-3 also the weights (plus two gathered
+  decoder layers) and a live reference (a bfloat16 inference engine, 2 bytes a parameter);
 * activations: what autograd keeps for the backward of one micro-batch (bfloat16), itemised per decoder layer
   below, plus the logits (bfloat16 logits and their float32 log-softmax, 6 bytes a position and vocabulary entry;
-  prefopt's chunked LM head caps that at --logits-memory-mb on one GPU and under DDP, but under FSDP the model's
-  own full logits are used). With gradient checkpointing only each layer's input is kept, plus one layer's worth.
+  prefopt's chunked LM head caps that at --logits-memory-mb on one GPU, under DDP and ZeRO-2, but under FSDP2 and
+  ZeRO-3 the model's own full logits are used). With gradient checkpointing only each layer's input is kept, plus one layer's worth.
 
 Not counted: the CUDA context and allocator fragmentation (often 1-3 GB), communication buffers, temporaries of
 the optimizer step. So these are lower bounds, good for comparing options.
@@ -103,7 +107,8 @@ class Option:
     shard_grads_optim: bool = False
     reference: str = "precomputed"  # "live", "precomputed", "adapters"
     lora: bool = False
-    full_logits: bool = False  # under FSDP the chunked LM head is off
+    full_logits: bool = False  # under FSDP2 and ZeRO-3 the chunked LM head is off
+    deepspeed: bool = False  # bf16 module weights and gradients, float32 master weights in the optimizer state
 
 
 def per_gpu(option: Option, n: int, n_lora: int, layer: int, act: float, act_ckpt: float) -> dict[str, float]:
@@ -116,6 +121,9 @@ def per_gpu(option: Option, n: int, n_lora: int, layer: int, act: float, act_ckp
         trained = n
     grads, optim = 4 * trained, 8 * trained
     ref = 4 * n if option.reference == "live" else 0.0
+    if option.deepspeed:
+        weights, grads, optim = 2 * n, 2 * trained, 12 * trained
+        ref = 2 * n if option.reference == "live" else 0.0
     gathered = 0.0
     if option.shard_weights:
         weights, ref = weights / g, ref / g
@@ -139,10 +147,15 @@ def table(config, *, gpus: int, pairs: int, seq_len: int) -> tuple[str, dict]:
         Option("1 GPU, precomputed reference", 1),
         Option("1 GPU, LoRA r=8 (bf16 base)", 1, reference="adapters", lora=True),
         Option(f"DDP x{gpus}, precomputed", gpus),
-        Option(f"ZeRO-2 x{gpus}, precomputed", gpus, shard_grads_optim=True),
-        Option(f"FSDP2 / ZeRO-3 x{gpus}, live reference (sharded)", gpus, shard_weights=True, reference="live",
+        Option(f"FSDP2 x{gpus}, live reference (sharded)", gpus, shard_weights=True, reference="live",
                full_logits=True),
-        Option(f"FSDP2 / ZeRO-3 x{gpus}, precomputed", gpus, shard_weights=True, full_logits=True),
+        Option(f"FSDP2 x{gpus}, precomputed", gpus, shard_weights=True, full_logits=True),
+        Option(f"ZeRO-2 x{gpus} (bf16), precomputed", gpus, shard_grads_optim=True, deepspeed=True),
+        Option(f"ZeRO-2 x{gpus} (bf16), live reference", gpus, shard_grads_optim=True, reference="live",
+               deepspeed=True),
+        Option(f"ZeRO-3 x{gpus} (bf16), live reference (partitioned)", gpus, shard_weights=True, reference="live",
+               full_logits=True, deepspeed=True),
+        Option(f"ZeRO-3 x{gpus} (bf16), precomputed", gpus, shard_weights=True, full_logits=True, deepspeed=True),
     ]
     cols = ["policy", "reference", "gradients", "optimizer", "activations", "total", "total (grad ckpt)"]
     lines = ["| option | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]

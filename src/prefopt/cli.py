@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,27 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig]) ->
 def config_from_args(cls: type[TrainConfig], args: argparse.Namespace) -> TrainConfig:
     names = set(field_types(cls))
     overrides = {k: v for k, v in vars(args).items() if k in names}
-    return load_config(cls, getattr(args, "config", None), overrides)
+    path = getattr(args, "config", None)
+    if "mixed_precision" in names and "mixed_precision" not in overrides and not _sets(path, "mixed_precision"):
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+        if launched in ("bf16", "fp16"):  # the accelerate config's precision, when prefopt's was not given
+            overrides["mixed_precision"] = launched
+            if os.environ.get("RANK", "0") == "0":
+                print(f"mixed precision: {launched}, from the accelerate launch config (--mixed-precision to change it)")
+    return load_config(cls, path, overrides)
+
+
+def _sets(path: str | None, key: str) -> bool:
+    """The YAML config file at ``path`` gives ``key``."""
+    if not path or not Path(path).is_file():
+        return False
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError:
+        return False  # load_config reports it
+    return isinstance(loaded, dict) and key in loaded
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,7 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], Any] = args.func
     try:
-        return int(func(args) or 0)
+        code = int(func(args) or 0)
+        _close_process_group()
+        return code
     except PrefoptError as e:
         print(f"prefopt: error: {e}", file=sys.stderr)
         return 2
@@ -236,6 +259,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:  # a run stopped on a signal: 128 + its number (SIGINT 130, SIGTERM 143)
         return int(getattr(e, "exit_code", 130))
+
+
+def _close_process_group() -> None:
+    """A launched run's last act after it succeeded: tear its process group down explicitly. Left to interpreter
+    exit, its communication threads can be destroyed while still joinable, which aborts the process after a run
+    that finished ("terminate called without an active exception", seen under DeepSpeed), failing the launch.
+    (Not after an error: a rank that failed alone must not wait on its peers; it exits and the launcher stops
+    them.) accelerate's state is reset with it, so a later run in this process starts afresh."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from accelerate.state import AcceleratorState
+
+        dist.destroy_process_group()
+        AcceleratorState._reset_state(True)
 
 
 if __name__ == "__main__":  # pragma: no cover

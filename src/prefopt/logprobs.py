@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
-from .models import decoder_of, evaluating, forward_accepts, unwrap_model
+from .models import decoder_of, evaluating, forward_accepts, is_partitioned, unwrap_model
 
 
 @dataclass
@@ -92,8 +92,8 @@ def head_at_selected_positions(base: torch.nn.Module) -> bool:
     model's own logits (some architectures scale or post-process logits in ways only their forward knows)."""
     if not forward_accepts(type(base), "logits_to_keep") or base.get_output_embeddings() is None:
         return False
-    if _fsdp_sharded(base):  # FSDP gathers and frees weights in hooks around each sharded module's own forward:
-        return False  # the head applied outside the model's forward breaks that bookkeeping (a crash on CPU)
+    if _fsdp_sharded(base) or is_partitioned(base):  # FSDP2 and ZeRO-3 gather and free weights in hooks around
+        return False  # each module's own forward: a head applied outside it would find its weight a shard
     ok = _HEAD_CHECKS.get(base)
     if ok is None:
         ok = _HEAD_CHECKS[base] = _head_reproduces_logits(base)
@@ -567,6 +567,10 @@ class LogpsMode:
         longest micro-batch (``longest_positions`` response positions: micro-batch x responses x max length)."""
         base = unwrap_model(model)
         head = base.get_output_embeddings()
+        if head is not None and (_fsdp_sharded(base) or is_partitioned(base)):
+            return ("log-probs: the weights are sharded (FSDP2 / ZeRO-3), so the LM head runs inside the model's "
+                    "forward, at every position; logits are not chunked (logps_chunk_size and logits_memory_mb have "
+                    "no effect)")
         if head is None or not head_at_selected_positions(base):
             return (f"log-probs: {type(base).__name__} makes its own logits at every position; they are not "
                     "chunked (logps_chunk_size and logits_memory_mb have no effect)")

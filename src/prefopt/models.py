@@ -9,6 +9,7 @@ make frozen reference models (a copy, or the LoRA base with adapters off), finge
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -173,16 +174,33 @@ def parameter_count(model) -> int:
 
 
 def model_fingerprint(model) -> str:
-    """sha256 over (name, shape, dtype, bytes) of every parameter, in name order. A sharded (FSDP, DTensor)
-    parameter is gathered first, so every rank gets the key of the whole model (a collective then)."""
+    """sha256 over (name, shape, dtype, bytes) of every parameter, in name order. A sharded (FSDP, DTensor) or
+    partitioned (DeepSpeed ZeRO-3) parameter is gathered first, so every rank gets the key of the whole model (a
+    collective then)."""
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        t = p.detach()
-        if hasattr(t, "full_tensor"):
-            t = t.full_tensor()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        with gathered_parameter(p):
+            t = p.detach()
+            if hasattr(t, "full_tensor"):
+                t = t.full_tensor()
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """The weights were loaded in partitions (DeepSpeed ZeRO-3's ``zero.Init``): each rank holds a slice, and a
+    parameter's own tensor is empty until gathered."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def gathered_parameter(p: torch.nn.Parameter):
+    """A DeepSpeed ZeRO-3 parameter whole for the duration (every rank must enter); else nothing to do."""
+    if not hasattr(p, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([p], modifier_rank=None)
 
 
 # ---------------------------------------------------------------------------------- reference model
@@ -247,6 +265,8 @@ def evaluating(model) -> Iterator:
 
 def make_reference(policy, ref_path=None, **load_kwargs):
     """A frozen reference: a deep copy of `policy` as it is now, or a model loaded from `ref_path`."""
+    if ref_path is None and is_partitioned(policy):
+        raise ValueError("a partitioned (ZeRO-3) model cannot be deep-copied: load the reference from its path")
     if ref_path is None:
         return freeze(copy.deepcopy(policy))
     if "device" not in load_kwargs:

@@ -6,7 +6,8 @@ the trainer state. It is written into a temporary folder; every file and folder 
 So a kill at any moment leaves either no checkpoint folder or a complete one, and a file damaged later (a full
 disk, a bad copy) is caught by the manifest: ``--resume auto`` skips such a checkpoint, naming the file, and
 takes the newest one that verifies. The final model is written the same way (``final.json`` last). Under FSDP
-the model and optimizer go into ``sharded/`` instead, each rank writing its shards (``SHARDED_DIR``).
+the model and optimizer go into ``sharded/`` instead, each rank writing its shards (``SHARDED_DIR``); under
+DeepSpeed ZeRO into ``deepspeed/``, written by the engine (``ZERO_DIR``).
 
 The run folder: a new run refuses a folder that holds another run (``previous_run``) unless asked to resume or
 to overwrite it (``clear_previous_run`` deletes only what prefopt wrote), and a resume warns about the options
@@ -208,6 +209,45 @@ checkpoint resumes on another number of processes, and also in a run that does n
 nodes, ``output_dir`` must be a file system every node sees.)"""
 
 
+ZERO_DIR = "deepspeed"
+"""A checkpoint's model and optimizer written under DeepSpeed ZeRO: the engine's own ``save_checkpoint`` files
+(tag ``state``: the module's weights and each rank's optimizer partition). They resume under DeepSpeed on the same
+number of processes (ZeRO partitions the optimizer state by rank; DeepSpeed's ``ds_to_universal`` converts a
+checkpoint for another count)."""
+ZERO_TAG = "state"
+
+
+def _deepspeed(accelerator: Accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def save_zero(directory: Path, engine) -> None:
+    """The engine's model and optimizer state (a collective: every rank writes its partition)."""
+    engine.save_checkpoint(str(directory), tag=ZERO_TAG, save_latest=False)
+
+
+def load_zero(directory: Path, engine, accelerator: Accelerator) -> None:
+    """Load what ``save_zero`` wrote, on the same number of processes (checked first, naming both counts)."""
+    partitioned = any((directory / ZERO_TAG).glob("zero_pp_rank_*_model_states.pt"))  # only ZeRO-3 writes these
+    stage = accelerator.state.deepspeed_plugin.zero_stage
+    if partitioned != (stage == 3):
+        raise ConfigError(f"resume: {directory.parent} was written under DeepSpeed "
+                          f"{'ZeRO-3' if partitioned else 'ZeRO-1/2'} and this run is ZeRO-{stage}; resume it with "
+                          "the stage that wrote it.")
+    written = len(list((directory / ZERO_TAG).glob("*optim_states.pt")))
+    if written != accelerator.num_processes:
+        raise ConfigError(f"resume: {directory.parent} was written by {written} DeepSpeed processes and this run has "
+                          f"{accelerator.num_processes}; a ZeRO checkpoint resumes on the same number of processes "
+                          "(convert it with DeepSpeed's ds_to_universal for another count).")
+    # DeepSpeed reads its own files with torch.load (pickles): this run's checkpoint, verified by its manifest
+    path, _ = engine.load_checkpoint(str(directory), tag=ZERO_TAG, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False, load_module_strict=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+
+
 def sharded_state(accelerator: Accelerator) -> bool:
     """Checkpoints of this run hold sharded state (FSDP) rather than one gathered model file."""
     from accelerate.utils import DistributedType
@@ -267,7 +307,18 @@ class Checkpointer:
         if final in self._verified and final.is_dir():  # this step boundary is saved already
             return final
         tmp = final.with_name(final.name + ".tmp")
-        if sharded_state(accelerator):
+        if _deepspeed(accelerator):
+            # the engine writes its own files, each rank its optimizer partition
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            save_zero(tmp / ZERO_DIR, model)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                _test_pause_in_save(step)
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        elif sharded_state(accelerator):
             # every rank writes its own shards of the model and optimizer (torch.distributed.checkpoint)
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -331,7 +382,13 @@ class Checkpointer:
 
     @staticmethod
     def load(path: Path, accelerator: Accelerator, model, optimizer, scheduler) -> dict:
-        if (path / SHARDED_DIR).is_dir():  # written under FSDP; loads on any number of processes, sharded or not
+        if (path / ZERO_DIR).is_dir() or _deepspeed(accelerator):
+            if not (path / ZERO_DIR).is_dir() or not _deepspeed(accelerator):
+                raise ConfigError(f"resume: {path} was written {'without' if _deepspeed(accelerator) else 'under'} "
+                                  "DeepSpeed; resume a checkpoint under the engine that wrote it (DeepSpeed ZeRO "
+                                  "checkpoints hold the engine's own partitioned files).")
+            load_zero(path / ZERO_DIR, model, accelerator)
+        elif (path / SHARDED_DIR).is_dir():  # written under FSDP; loads on any number of processes, sharded or not
             load_sharded(path / SHARDED_DIR, accelerator.unwrap_model(model), optimizer)
         elif sharded_state(accelerator):
             raise ConfigError(f"resume: {path} was written without FSDP (one gathered model file); resume it "

@@ -31,7 +31,8 @@ from ..logprobs import LogpsFn, LogpsMode, ResponseLogps, forward_logps, split_r
 from ..models import evaluating, model_fingerprint, reference_mode, unwrap_model
 from ..packing import check_layout_support
 from .loop import StepResult, micro_batches, to_device, train
-from .sharding import describe, lockstep_chunks, place_reference, shard_policy
+from .sharding import (configure_deepspeed, deepspeed_weights, describe, is_deepspeed, lockstep_chunks, place_reference, shard_policy,
+                       use_engine)
 from .setup import load_run_inputs, save_model_and_tokenizer
 
 ReferenceFn = Callable[[torch.nn.Module, dict], Tensor]
@@ -437,7 +438,8 @@ def precompute_reference(reference: ReferenceFn, policy: torch.nn.Module, items:
 def train_dpo(cfg: DPOConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:
     """Load model and data, build the reference, train, save. Returns the loop's summary."""
     cfg.validate()
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = use_engine(accelerator or Accelerator(mixed_precision=cfg.mixed_precision))
+    configure_deepspeed(accelerator, cfg)  # before a reference engine is built from its config
     set_seed(cfg.seed)
     source = reference_source(cfg)
     run = load_run_inputs(cfg, accelerator, kind="preferences", with_reference=source in ("ref_model", "copy"),
@@ -483,6 +485,7 @@ def train_dpo(cfg: DPOConfig, accelerator: Accelerator | None = None) -> dict[st
             if model is not None:
                 check_layout_support(model, mode.layout)
     collate = make_collate(tokenizer.pad_token_id, mode=mode)
+    after_prepare = None  # DeepSpeed: the precomputed pass, once the engine holds the policy
     accelerator.print(f"reference: {REFERENCE_SOURCES[source]}"
                       + (", log-probs precomputed before training" if cfg.precomputes_reference else ""))
     accelerator.print(describe(accelerator, reference_place(source, cfg.precomputes_reference)))
@@ -491,22 +494,39 @@ def train_dpo(cfg: DPOConfig, accelerator: Accelerator | None = None) -> dict[st
         # the key holds everything that can change the numbers: weights, precision and the log-prob mode
         model_key = model_fingerprint(run.reference if run.reference is not None else policy)
         model_key += f"|{cfg.dtype}|{cfg.mixed_precision}|{mode.key}"
+        if deepspeed_weights(accelerator) != "float32":  # the engine's 16-bit weights, not autocast: other numbers
+            model_key += f"|deepspeed {deepspeed_weights(accelerator)} weights"
         if cfg.ld_alpha is not None:
             model_key += f"|ld_alpha={cfg.ld_alpha}"
         all_items = Chain(run.train_items, run.eval_items)
-        logps, path, cached = precompute_reference(
-            reference, policy, all_items, collate, micro_batch_size=cfg.micro_batch_size * 2,
-            accelerator=accelerator, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
-            model_key=model_key, progress=cfg.progress and accelerator.is_local_main_process)
+        pending = {"reference": reference}  # dropped once the pass ran: the frozen copy's memory is freed
+
+        def reference_pass(model: torch.nn.Module) -> Tensor:
+            found, path, cached = precompute_reference(
+                pending.pop("reference"), model, all_items, collate, micro_batch_size=cfg.micro_batch_size * 2,
+                accelerator=accelerator, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
+                model_key=model_key, progress=cfg.progress and accelerator.is_local_main_process)
+            accelerator.print(f"reference log-probs: {'read from cache' if cached else 'computed and cached'} {path}")
+            return found
+
+        if is_deepspeed(accelerator):
+            # the engine's model (cast to its precision, ZeRO-3: partitioned) exists only from prepare on: the pass
+            # runs there, through the initial weights, and fills the rows the examples already point at
+            logps = torch.full((len(all_items), max(ks, default=2)), float("nan"))  # a row read early shows
+            after_prepare = lambda model: logps.copy_(reference_pass(accelerator.unwrap_model(model)))  # noqa: E731
+        else:
+            logps = reference_pass(policy)
         n_train = len(run.train_items)  # kept beside the tables as one tensor, not per row
         run.train_items = with_reference(run.train_items, logps[:n_train])
         run.eval_items = with_reference(run.eval_items, logps[n_train:]) if len(run.eval_items) else run.eval_items
-        accelerator.print(f"reference log-probs: {'read from cache' if cached else 'computed and cached'} {path}")
         reference = precomputed_reference
-        run.reference = None  # the frozen copy is no longer needed: free its memory
+        run.reference = None
 
     ref_sync = None
     if cfg.ref_sync_every:  # validate() made sure the reference is a model of its own, run live
+        if is_deepspeed(accelerator):  # ZeRO-3's tensors are empty partitions; ZeRO-2 mixes 16-bit engine copies
+            raise ConfigError("ref_sync_every (TR-DPO) under DeepSpeed is not supported: the engine's weights are "
+                              "partitioned (ZeRO-3) or 16-bit copies of its master weights; use DDP or FSDP2.")
         ref_sync = ReferenceSync(run.reference, cfg.ref_sync_every, cfg.ref_sync_mix)
         ref_sync.check(policy)
     method = DPO(cfg.loss, cfg.beta, reference, label_smoothing=cfg.label_smoothing, nll_weight=cfg.nll_weight,
@@ -515,7 +535,7 @@ def train_dpo(cfg: DPOConfig, accelerator: Accelerator | None = None) -> dict[st
     return train(cfg, model=policy, method=method, train_items=run.train_items, collate=collate,
                  eval_items=run.eval_items or None, accelerator=accelerator,
                  save_final=lambda out: save_model_and_tokenizer(accelerator.unwrap_model(policy), tokenizer, out),
-                 summary_keys=DPO_SUMMARY_KEYS)
+                 summary_keys=DPO_SUMMARY_KEYS, after_prepare=after_prepare)
 
 
 __all__ = ["DPO", "train_dpo", "live_reference", "adapter_reference", "precomputed_reference", "zero_reference",

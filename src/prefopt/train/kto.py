@@ -31,7 +31,7 @@ from ..errors import ConfigError
 from ..logprobs import LogpsFn, forward_logps
 from ..models import load_tokenizer
 from .dpo import ReferenceFn, adapter_reference, live_reference
-from .sharding import describe, place_reference, shard_policy
+from .sharding import configure_deepspeed, describe, place_reference, shard_policy, use_engine
 from .loop import StepResult, train
 from .setup import load_policy, resolve_length_limits, save_model_and_tokenizer
 
@@ -103,7 +103,8 @@ def load_kto_items(cfg: KTOConfig, tokenizer: Any, accelerator: Accelerator):
 def train_kto(cfg: KTOConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:
     """Load model and labelled completions, build the reference, train, save. Returns the loop's summary."""
     cfg.validate()
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = use_engine(accelerator or Accelerator(mixed_precision=cfg.mixed_precision))
+    configure_deepspeed(accelerator, cfg)  # before a reference engine is built from its config
     set_seed(cfg.seed)
     from .checkpoints import refuse_used_output_dir
 

@@ -26,7 +26,6 @@ learn (a new checkpoint format, a stop on a signal, a check for non-finite value
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -48,7 +47,8 @@ from ..models import evaluating, quiet_progress_bars
 from .checkpoints import (Checkpointer, clear_previous_run, config_differences, find_checkpoint,
                           load_model_weights, previous_run, refuse_used_output_dir, resume_from, save_final_model, step_dirs,
                           verify_checkpoint, write_atomic)
-from .sharding import check_supported, gathered_for_save, lockstep_chunks, rank_share, reshard, use_engine
+from .sharding import (backward, check_supported, configure_deepspeed, engine_grad_norm, gathered_for_save, is_deepspeed,
+                       lockstep_chunks, micro_batch, rank_share, reshard, shard_lora, use_engine)
 from .signals import StopAtStepEnd, StopOnSignal, StopRequested
 
 
@@ -381,7 +381,10 @@ class Run:
 
     @property
     def loss_scaling(self) -> bool:
-        """fp16 mixed precision with a gradient scaler (whose overflow steps are expected, not errors)."""
+        """fp16 mixed precision with a gradient scaler (whose overflow steps are expected, not errors): torch's, or
+        the DeepSpeed engine's own (its config's fp16 section)."""
+        if is_deepspeed(self.accelerator):
+            return bool(self.accelerator.state.deepspeed_plugin.deepspeed_config.get("fp16", {}).get("enabled"))
         return getattr(self.accelerator, "scaler", None) is not None
 
     def optimizer_step(self, blame: Callable[[], str] | None = None) -> tuple[Tensor, float]:
@@ -391,7 +394,9 @@ class Run:
         optimizer step, or with ``on_nonfinite: skip`` skips the step (gradients cleared, optimizer and schedule
         untouched). ``blame()`` (called only then) names the data of the step, e.g. its examples' sources.
         Returns (the global gradient norm before clipping, as a tensor; the learning rate this step used)."""
-        if self.cfg.max_grad_norm > 0:
+        if is_deepspeed(self.accelerator):  # the engine clipped and stepped (or skipped a non-finite step) already
+            grad_norm = engine_grad_norm(self.model)
+        elif self.cfg.max_grad_norm > 0:
             grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
@@ -410,7 +415,8 @@ class Run:
             self._nonfinite(float(grad_norm), blame)
         if finite:
             self.optimizer.step()
-            self.scheduler.step()
+            if not getattr(self.optimizer, "step_was_skipped", False):  # a loss scaler's overflow skips the update:
+                self.scheduler.step()  # the schedule follows the updates applied
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, lr
 
@@ -497,14 +503,19 @@ class Run:
 
 def start_run(cfg: TrainConfig, model: torch.nn.Module, accelerator: Accelerator, *, total_steps: int, unit: str,
               summary_keys: Sequence[str] = ("loss",), checkpoint_state: Callable[[int], dict] = lambda step: {},
-              desc: str = "train", bar_unit: str = "step") -> Run:
+              desc: str = "train", bar_unit: str = "step",
+              after_prepare: Callable[[torch.nn.Module], None] | None = None) -> Run:
     """Optimizer and schedule over the trainable parameters, both prepared by ``accelerate``, the resumed state
     (``run.state``: the checkpoint's trainer state, {} on a fresh start) and the log.
 
     ``checkpoint_state(step)`` adds a method's own state to each checkpoint's ``trainer_state.json`` (read back
-    from ``run.state`` on resume)."""
+    from ``run.state`` on resume). ``after_prepare(model)`` runs on the prepared model before a checkpoint is
+    loaded into it: a pass that must see the initial weights as the engine holds them (DeepSpeed's cast and
+    partitioned model exists only from ``prepare`` on)."""
     use_engine(accelerator)
     check_supported(model, accelerator)
+    model = shard_lora(model, accelerator)  # LoRA under FSDP2: sharded in two levels before prepare (see there)
+    configure_deepspeed(accelerator, cfg)
     reshard(model)  # a model sharded early (a pass before training) is handed over as shards
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -514,6 +525,8 @@ def start_run(cfg: TrainConfig, model: torch.nn.Module, accelerator: Accelerator
     model, optimizer = accelerator.prepare(model, optimizer)
     # FSDP replaces the parameters with sharded ones (the optimizer is switched to them by prepare): clip those
     params = [p for p in model.parameters() if p.requires_grad]
+    if after_prepare is not None:
+        after_prepare(model)
     return Run(cfg, accelerator, model, optimizer, scheduler, params, total_steps=total_steps,
                checkpoint_state=checkpoint_state, unit=unit, summary_keys=summary_keys, desc=desc, bar_unit=bar_unit)
 
@@ -543,7 +556,8 @@ def evaluate(model, method: Method, items: Sequence[Any], collate: Callable[[Seq
 def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_items: Sequence[Any],
           collate: Callable[[Sequence[Any]], dict], eval_items: Sequence[Any] | None = None,
           accelerator: Accelerator | None = None, save_final: Callable[[Path], None] | None = None,
-          summary_keys: Sequence[str] = ("loss",)) -> dict[str, Any]:
+          summary_keys: Sequence[str] = ("loss",),
+          after_prepare: Callable[[torch.nn.Module], None] | None = None) -> dict[str, Any]:
     """Train ``model`` with ``method`` on ``train_items``; returns a summary dict (also in summary.json).
 
     Each epoch covers every example exactly once: its last step holds the ``len % batch_size`` examples left over
@@ -566,7 +580,8 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_ite
     run = start_run(cfg, model, accelerator, total_steps=total_steps, unit=method.unit, summary_keys=summary_keys,
                     checkpoint_state=lambda step: {"epoch": schedule.epoch_of(step), "seed": cfg.seed,
                                                    **({"method": method_state()} if method_state else {}),
-                                                   **(train_items.state(step) if streamed else {})})
+                                                   **(train_items.state(step) if streamed else {})},
+                    after_prepare=after_prepare)
     model = run.model
     if run.resumed_from is not None and hasattr(method, "load_state_dict"):
         method.load_state_dict(run.state.get("method", {}), model, accelerator)
@@ -598,13 +613,12 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_ite
             loss_sums: list[Tensor] = []  # per micro-batch, on the device: read back only to name a bad one
             for i, (chunk, is_real) in enumerate(chunks):
                 batch = to_device(collate([train_items[j] for j in chunk]), accelerator.device)
-                sync = contextlib.nullcontext() if i == len(chunks) - 1 else accelerator.no_sync(model)
-                with sync:
+                with micro_batch(accelerator, model, last=i == len(chunks) - 1):  # gradients synced after the last
                     with accelerator.autocast():
                         result = method.step(model, batch)
                     if nan_step == run.step + 1 and i == 0:  # the PREFOPT_TEST_NAN_AT_STEP test hook
                         result.losses = result.losses * float("nan")
-                    accelerator.backward(result.losses.sum() * (scale if is_real else 0.0))
+                    backward(accelerator, result.losses.sum() * (scale if is_real else 0.0))
                 if is_real:
                     step_sums.add(result)
                     loss_sums.append(result.losses.detach().float().sum())

@@ -47,6 +47,7 @@ from ..models import evaluating, load_tokenizer, reference_mode
 from ..rewards import RewardFn, call_reward_fn, load_reward_fn, reward_model_fn
 from .checkpoints import load_model_weights, refuse_used_output_dir
 from .loop import BatchSchedule, MetricSums, StepResult, micro_batches, start_run, to_device
+from .sharding import is_deepspeed, use_engine
 from .setup import load_policy, resolve_length_limits, save_model_and_tokenizer
 
 VALUE_HEAD_DIR = "value_head"
@@ -311,7 +312,10 @@ def train_ppo(cfg: PPOConfig, accelerator: Accelerator | None = None, *,
     cfg.validate()
     if reward_fn is None and not (cfg.reward_fn or cfg.reward_model):
         raise ConfigError("give a reward: --reward-model PATH or --reward-fn module:function.")
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = use_engine(accelerator or Accelerator(mixed_precision=cfg.mixed_precision))
+    if is_deepspeed(accelerator):
+        raise ConfigError("PPO under DeepSpeed is not supported (four models, its own minibatch loop); run it "
+                          "with DDP (examples/accelerate/ddp.yaml) or FSDP2.")
     if accelerator.num_processes > 1:
         raise ConfigError("prefopt ppo runs on a single process for now; launch it without accelerate/torchrun.")
     set_seed(cfg.seed)

@@ -30,6 +30,7 @@ from ..models import (DTYPES, apply_lora, disable_dropout, enable_gradient_check
                       quiet_progress_bars)
 from ..rewards import sequence_rewards
 from .loop import StepResult, train
+from .sharding import use_engine
 from .setup import load_preference_items, save_model_and_tokenizer
 
 RM_SUMMARY_KEYS = ("loss", "accuracy", "rewards/margins")
@@ -101,7 +102,7 @@ def build_reward_model(path: str, tokenizer: Any, *, dtype: str = "float32", tru
 def train_rm(cfg: RMConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:
     """Load preference data and the model, train the reward model, save it. Returns the loop's summary."""
     cfg.validate()
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = use_engine(accelerator or Accelerator(mixed_precision=cfg.mixed_precision))
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_items, eval_items = load_preference_items(cfg, tokenizer, accelerator)

@@ -20,7 +20,7 @@ from ..data.table import TokenizedTable
 from ..data.types import TokenizedExample
 from ..errors import ConfigError
 from ..models import (apply_lora, disable_dropout, enable_gradient_checkpointing, load_model, load_tokenizer,
-                      make_reference, quiet_progress_bars)
+                      is_partitioned, make_reference, quiet_progress_bars)
 from .checkpoints import refuse_used_output_dir
 
 
@@ -145,8 +145,10 @@ def load_policy(cfg: TrainConfig, *, with_reference: bool, ref_model: str | None
         disable_dropout(model)
     reference = None
     if with_reference:
-        reference = make_reference(model, ref_model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code) \
-            if ref_model else make_reference(model)
+        # a model loaded in ZeRO-3 partitions has empty tensors of its own: its copy is loaded again instead
+        source = ref_model or (cfg.model if is_partitioned(model) else None)
+        reference = make_reference(model, source, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code) \
+            if source else make_reference(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.lora:

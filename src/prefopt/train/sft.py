@@ -24,6 +24,7 @@ from ..config import SFTConfig
 from ..data.sft import collate_sft
 from ..logprobs import forward_logps
 from .loop import StepResult, train
+from .sharding import use_engine
 from .setup import load_run_inputs, save_model_and_tokenizer
 
 SFT_SUMMARY_KEYS = ("loss", "nll_per_token", "ppl")
@@ -53,7 +54,7 @@ class SFT:
 def train_sft(cfg: SFTConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:
     """Load model and SFT data (or the chosen responses of preference data), train, save. Returns the summary."""
     cfg.validate()
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = use_engine(accelerator or Accelerator(mixed_precision=cfg.mixed_precision))
     set_seed(cfg.seed)
     run = load_run_inputs(cfg, accelerator, kind="sft", from_preferences=cfg.from_preferences)
     model, tokenizer = run.model, run.tokenizer
