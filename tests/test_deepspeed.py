@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_fsdp import EXAMPLES, ROOT, interrupted_at, max_diffs, rows
+from test_fsdp import EPOCH_WORKER, EXAMPLES, ROOT, interrupted_at, max_diffs, rows
 
 from prefopt.cli import main
 
@@ -50,9 +50,9 @@ def launch(argv: list[str], *, stage: int, port: int, expect_ok: bool = True, ex
     src = str(ROOT / "src")
     env = {**os.environ, "OMP_NUM_THREADS": "1", **zero_env(stage), **(extra_env or {}),
            "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    program = argv if argv[0].endswith(".py") else ["-m", "prefopt.cli", *argv]  # a script, or a prefopt command
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), "-m", "prefopt.cli", *argv], env=env, capture_output=True, text=True,
-                          timeout=400)
+                           str(port), *program], env=env, capture_output=True, text=True, timeout=400)
     if expect_ok:
         assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     return proc
@@ -185,3 +185,19 @@ def test_zero3_bf16_first_loss_is_ln2_and_the_final_model_is_float32(tiny_model_
     assert (trained.to(torch.bfloat16).float() != trained).any()  # master weights: not all bf16-representable
     initial = load_file(str(tiny_model_dir / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"]
     assert not torch.equal(initial, trained)
+
+
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
+def test_each_example_once_per_epoch_across_two_processes(stage, tiny_model_dir, tmp_path):
+    """21 examples, global batch 8: 3 steps (8, 8, then the tail of 5 split 3/2, the short rank running a filler
+    micro-batch of weight 0), every example counted exactly once, means weighted by examples, under the engine's
+    accumulation boundary."""
+    worker = tmp_path / "epoch_worker.py"
+    worker.write_text(EPOCH_WORKER)
+    out = launch([str(worker), str(tiny_model_dir), str(tmp_path / "run")], stage=stage, port=29880 + stage).stdout
+    assert "global batch 8 = micro-batch 2 x accumulation 2 x processes 2" in out
+    (row,) = rows(tmp_path / "run")
+    assert row["step"] == 3
+    for i in range(21):
+        assert row[f"seen/{i}"] == pytest.approx(1 / 21, abs=1e-9), i
+    assert row["id"] == pytest.approx(10.0, abs=1e-9)
