@@ -201,3 +201,19 @@ def test_each_example_once_per_epoch_across_two_processes(stage, tiny_model_dir,
     for i in range(21):
         assert row[f"seen/{i}"] == pytest.approx(1 / 21, abs=1e-9), i
     assert row["id"] == pytest.approx(10.0, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_zero3_sigterm_to_the_launcher_stops_every_rank_and_resumes(tiny_model_dir, synthetic_pairs, tmp_path):
+    """A preempted ZeRO-3 run: SIGTERM to torchrun, every rank finishes the same step and writes its partition of
+    one DeepSpeed checkpoint there; resumed two steps further, it equals one uninterrupted process."""
+    from test_fsdp import stopped_by_sigterm
+
+    args = dpo_args(tiny_model_dir, synthetic_pairs, "--max-steps", "400", "--precompute-ref", "false",
+                    "--log-every", "1")
+    step = stopped_by_sigterm(args, zero_env(3), tmp_path / "run", port=29890)
+    assert (tmp_path / "run" / "checkpoints" / f"step-{step:07d}" / "deepspeed" / "state").is_dir()
+    more = ["--max-steps", str(step + 2)]
+    launch([*args, *more, "--output-dir", str(tmp_path / "run"), "--resume", "auto"], stage=3, port=29891)
+    assert main(args + more + ["--output-dir", str(tmp_path / "one")]) == 0
+    assert_equal_runs(tmp_path / "one", tmp_path / "run", ("loss", "rewards/margins"))

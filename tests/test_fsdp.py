@@ -45,6 +45,34 @@ def launch(argv: list[str], *, port: int, nproc: int = 2, fsdp: bool = True) -> 
     return proc.stdout
 
 
+def stopped_by_sigterm(argv: list[str], env: dict[str, str], run: Path, *, port: int) -> int:
+    """Start ``prefopt <argv> --output-dir <run>`` under torchrun (2 processes, ``env`` added), send SIGTERM to the
+    launcher, as a scheduler or a preemptible machine does, once two steps are logged; the launcher passes it to
+    every rank. Checks that all ranks stopped at one step boundary with a checkpoint there and returns that step."""
+    import signal
+    import time
+
+    src = str(ROOT / "src")
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env,
+                "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(port), "-m", "prefopt.cli", *argv, "--output-dir", str(run)], env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0  # the launcher reports the stop
+    assert out.count("stopped on SIGTERM: checkpoint") == 1, (out[-2000:], err[-3000:])  # printed by rank 0
+    (ckpt,) = sorted((run / "checkpoints").glob("step-*"))
+    assert (ckpt / "manifest.json").is_file() and (ckpt / "rng-0.pt").is_file() and (ckpt / "rng-1.pt").is_file()
+    return int(ckpt.name.split("-")[1])
+
+
 def rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -395,3 +423,23 @@ def test_launch_config_precision_is_used_unless_given(monkeypatch, tmp_path, cap
     assert config_from_args(dpo.config, from_file).mixed_precision == "fp16"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     assert config_from_args(dpo.config, build_parser().parse_args(base)).mixed_precision == "no"
+
+
+@needs_torchrun
+@pytest.mark.parametrize("fsdp", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["ddp", "fsdp2"])
+def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_and_resumes(fsdp, tiny_model_dir, synthetic_pairs,
+                                                                          tmp_path):
+    """SIGTERM to torchrun mid-run: every rank finishes the same step, one checkpoint is written there (sharded
+    under FSDP2), and resuming it to two steps further gives one uninterrupted process's numbers."""
+    args = dpo_args(tiny_model_dir, synthetic_pairs, "--max-steps", "400", "--precompute-ref", "false",
+                    "--log-every", "1")
+    env = {"ACCELERATE_USE_CPU": "true", **(FSDP_ENV if fsdp else {})}
+    step = stopped_by_sigterm(args, env, tmp_path / "run", port=29560 + int(fsdp))
+    assert 2 <= step < 400
+    more = ["--max-steps", str(step + 2)]  # the schedule is a function of (seed, step): the same batches
+    launch(["-m", "prefopt.cli", *args, *more, "--output-dir", str(tmp_path / "run"), "--resume", "auto"],
+           port=29562 + int(fsdp), fsdp=fsdp)
+    assert main(args + more + ["--output-dir", str(tmp_path / "one")]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["resumed_from"] == step
+    logged, weights = max_diffs(tmp_path / "one", tmp_path / "run", ("loss", "rewards/margins"))
+    assert logged < 1e-5 and weights < 1e-5, (logged, weights)
