@@ -22,9 +22,7 @@ that fits a short device window (``--budget-s``, default 480 s) and writes every
   ``import deepspeed`` fails.
 * **flash_attention** / **flash_packing** -- the DPO run (and a ``--packing`` run, whose packed rows are read
   from position ids only under FlashAttention, a path CPU tests cannot reach) with FlashAttention 2; first loss
-  ln 2. The CLI has no attention flag: the model is loaded by ``from_pretrained``, which honours an
-  ``attn_implementation`` key in config.json, so these runs use a copy of the model folder with that key set.
-  If the float32-weights + bf16-autocast run fails, one retry with ``--dtype bfloat16`` is recorded beside it.
+  ln 2 (``--attn-implementation flash_attention_2``). If the float32-weights + bf16-autocast run fails, one retry with ``--dtype bfloat16`` is recorded beside it.
 * **peak_memory** -- ``torch.cuda.max_memory_allocated`` inside the training process for a live reference
   (``--precompute-ref false``), the precomputed reference (the single_bf16 run), ``--lora`` and FSDP2 on one
   process, on the same model and batch. prefopt has no memory hook, so every run goes through this script's
@@ -209,22 +207,6 @@ def build_model(directory: Path, shape: dict) -> Path:
     return directory
 
 
-def flash_copy(model_dir: Path) -> Path:
-    """The model folder with ``attn_implementation: flash_attention_2`` in config.json (weights hard-linked)."""
-    dst = model_dir.with_name(model_dir.name + "-flash")
-    if not dst.exists():
-        tmp = dst.with_name(dst.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(model_dir, tmp, copy_function=os.link)
-        cfg_path = tmp / "config.json"
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        cfg["attn_implementation"] = "flash_attention_2"
-        cfg_path.unlink()  # a hard link: do not write through it into the original
-        cfg_path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-        tmp.rename(dst)
-    return dst
-
-
 def build_data(path: Path, n: int, join: int) -> Path:
     """Explicit pairs from prefopt's synthetic generator; ``join`` consecutive examples' responses are joined into
     one, so responses are long enough (about 16 tokens x join) for memory to mean something."""
@@ -295,11 +277,10 @@ class Skip(Exception):
     """A check that cannot run here (no CUDA, one GPU, no deepspeed, budget spent): recorded as skipped."""
 
 
-def dpo_argv(ctx: Ctx, name: str, *extra: str, model: Path | None = None, steps: int | None = None,
-             precision: str = "bf16") -> list[str]:
+def dpo_argv(ctx: Ctx, name: str, *extra: str, steps: int | None = None, precision: str = "bf16") -> list[str]:
     s = ctx.shape
     run_dir = ctx.work / "runs" / name
-    return ["dpo", "--model", str(model or ctx.model), "--data", str(ctx.data), "--output-dir", str(run_dir / "out"),
+    return ["dpo", "--model", str(ctx.model), "--data", str(ctx.data), "--output-dir", str(run_dir / "out"),
             "--cache-dir", str(run_dir / "cache"), "--batch-size", str(s["batch"]),
             "--micro-batch-size", str(s["micro"]), "--max-length", str(s["max_length"]),
             "--max-prompt-length", str(s["max_prompt"]), "--max-steps", str(steps or s["steps"]),
@@ -474,11 +455,11 @@ def _flash(ctx: Ctx, name: str, *extra: str) -> dict:
     if not ctx.flash:
         env = ctx.results.get("environment", {})
         raise Skip(f"skipped: FlashAttention 2 unavailable ({env.get('flash_attention_2_loadable')})")
-    model = flash_copy(ctx.model)
-    res = run_dpo(ctx, name, dpo_argv(ctx, name, *extra, model=model))
+    flash = ("--attn-implementation", "flash_attention_2")
+    res = run_dpo(ctx, name, dpo_argv(ctx, name, *extra, *flash))
     if res["status"] != "pass" and ctx.left() > 0:  # float32 weights under autocast may be refused: try bf16 weights
-        retry = run_dpo(ctx, name + "_bf16_weights", dpo_argv(ctx, name + "_bf16_weights", *extra, "--dtype",
-                                                               "bfloat16", model=model))
+        retry = run_dpo(ctx, name + "_bf16_weights", dpo_argv(ctx, name + "_bf16_weights", *extra, *flash,
+                                                               "--dtype", "bfloat16"))
         res = {**res, "retry_bf16_weights": retry}
     return res
 

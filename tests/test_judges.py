@@ -243,6 +243,14 @@ def test_changed_instructions_are_not_served_from_cache(server, tmp_path):
     assert len(server.requests) == 2
 
 
+def test_another_answer_length_is_not_served_from_cache(server, tmp_path):
+    chat_judge(server, tmp_path).judge(["p"], ["GOOD"], ["x"])
+    chat_judge(server, tmp_path, max_tokens=512).judge(["p"], ["GOOD"], ["x"])  # the default: the same key
+    assert len(server.requests) == 1
+    chat_judge(server, tmp_path, max_tokens=8).judge(["p"], ["GOOD"], ["x"])
+    assert len(server.requests) == 2
+
+
 def test_load_judge_reads_the_key_from_the_named_variable(server, tmp_path, monkeypatch):
     monkeypatch.delenv("PREFOPT_TEST_JUDGE_KEY", raising=False)
     with pytest.raises(ConfigError, match="PREFOPT_TEST_JUDGE_KEY"):

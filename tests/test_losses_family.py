@@ -419,3 +419,33 @@ def test_run_logs_parts_keeps_bco_shift_and_syncs_reference(tiny_model_dir, synt
     last = [r for r in again if "loss/sigmoid" in r][-1]
     assert last["step"] == 2 and last["bco/reward_shift"] == pytest.approx(train_rows[1]["bco/reward_shift"])
     assert last["loss"] == pytest.approx(train_rows[1]["loss"], rel=1e-4)
+
+
+def test_soft_reference_sync_resumes_exactly(tiny_model_dir, synthetic_pairs, tmp_path):
+    """TR-DPO with a soft update (ref <- 0.5 policy + 0.5 ref every 2 steps): the moving reference is in each
+    checkpoint, so a run resumed at step 3 (between syncs) ends with the uninterrupted run's rows and weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from prefopt.train.dpo import train_dpo
+
+    kw = dict(ref_sync_every=2, ref_sync_mix=0.5, max_steps=6, save_every=3, keep_checkpoints=0, log_every=1)
+    train_dpo(run_cfg(tiny_model_dir, synthetic_pairs, tmp_path / "full", **kw))
+    ckpt = tmp_path / "full" / "checkpoints" / "step-0000003"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert "reference.safetensors" in json.dumps(manifest["files"])
+    run = tmp_path / "resumed"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, run / "checkpoints" / ckpt.name)
+    shutil.copy(tmp_path / "full" / "config.yaml", run / "config.yaml")
+    full_rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full_rows if r["step"] <= 3))
+    train_dpo(run_cfg(tiny_model_dir, synthetic_pairs, run, resume="auto", overwrite=False, **kw))
+    resumed_rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed_rows] == [r["step"] for r in full_rows]
+    for a, b in zip(full_rows, resumed_rows):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and \
+            a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-6), (a["step"], a, b)
+    wa, wb = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6

@@ -46,3 +46,30 @@ def test_inconsistent_limits_name_the_field(tiny_model_dir, tmp_path):
     cfg.validate()  # max_length is not known yet
     with pytest.raises(ConfigError, match=r"max_prompt_length = 300: must be between 1 and max_length - 1 \(255\)"):
         resolve_length_limits(cfg, print)
+
+
+def test_attn_implementation_is_the_kernel_the_models_load_with(tiny_model_dir, synthetic_pairs, tmp_path, capsys):
+    """--attn-implementation reaches the policy and the reference (eager and sdpa give the same DPO numbers); one
+    this machine cannot run, or an unknown name, stops before training with a reason."""
+    import json
+
+    from prefopt.cli import main
+    from prefopt.config import TrainConfig
+    from prefopt.train.setup import load_policy
+
+    cfg = TrainConfig(model=str(tiny_model_dir), data="-", output_dir=str(tmp_path / "x"),
+                      attn_implementation="eager")
+    policy, reference = load_policy(cfg, with_reference=True, ref_model=str(tiny_model_dir))
+    assert policy.config._attn_implementation == reference.config._attn_implementation == "eager"
+    args = ["dpo", "--model", str(tiny_model_dir), "--data", str(synthetic_pairs), "--max-steps", "2",
+            "--batch-size", "4", "--micro-batch-size", "2", "--progress", "false", "--precompute-ref", "false"]
+    for impl in ("eager", "sdpa"):
+        assert main(args + ["--attn-implementation", impl, "--output-dir", str(tmp_path / impl)]) == 0
+    eager, sdpa = ([json.loads(x) for x in (tmp_path / i / "metrics.jsonl").read_text().splitlines()]
+                   for i in ("eager", "sdpa"))
+    assert [r["loss"] for r in eager] == pytest.approx([r["loss"] for r in sdpa], abs=1e-5)
+    capsys.readouterr()
+    assert main(args + ["--attn-implementation", "flash_attention_2", "--output-dir", str(tmp_path / "fa")]) == 2
+    assert "attn_implementation 'flash_attention_2' cannot be used with" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="attn_implementation"):
+        TrainConfig(model="m", data="d", output_dir="o", attn_implementation="fast").validate()

@@ -14,10 +14,12 @@ import copy
 import functools
 import hashlib
 import json
+import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -148,9 +150,11 @@ def init_model(size: str, output_dir, *, corpus=None, vocab_size: int | None = N
 
 
 def load_model(path, *, dtype="float32", trust_remote_code: bool = False, device=None,
-               allow_pickle: bool = False):
+               allow_pickle: bool = False, attn_implementation: str | None = None):
     """AutoModelForCausalLM from safetensors. `allow_pickle=True` also accepts .bin checkpoints
-    (still loaded with torch's weights_only)."""
+    (still loaded with torch's weights_only). `attn_implementation`: the attention kernel (None: the model's
+    default); one this machine cannot run (flash_attention_2 without the flash_attn package or a GPU) is a
+    ConfigError saying why."""
     from transformers import AutoModelForCausalLM
 
     check_model_path(str(path))
@@ -158,14 +162,28 @@ def load_model(path, *, dtype="float32", trust_remote_code: bool = False, device
     if torch_dtype not in DTYPES.values():
         raise ConfigError(f"unsupported dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     with quiet_progress_bars():
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path),
+        model = load_with_attention(
+            AutoModelForCausalLM.from_pretrained, path, attn_implementation,
             dtype=torch_dtype,  # transformers 5 name (torch_dtype= is deprecated)
             trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True,
             weights_only=True,
         )
     return model.to(device) if device is not None else model
+
+
+def load_with_attention(load: Callable, path: Any, attn_implementation: str | None, **kwargs: Any):
+    """``load(path, **kwargs)`` (a ``from_pretrained``) with the attention kernel asked for, if any. A kernel this
+    machine cannot run (flash_attention_2 without the flash_attn package or a GPU) is a ConfigError naming it; any
+    other error is raised as it is."""
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        return load(str(path), **kwargs, **extra)
+    except (ImportError, ValueError) as e:
+        if attn_implementation and re.search(r"attn|attention|flash|sdpa|flex", str(e), re.IGNORECASE):
+            raise ConfigError(f"attn_implementation {attn_implementation!r} cannot be used with {path}: "
+                              f"{str(e).strip()}") from e
+        raise
 
 
 def parameter_count(model) -> int:

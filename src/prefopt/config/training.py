@@ -8,6 +8,7 @@ from ..errors import ConfigError
 from .loading import DTYPES, check_field, check_length_limits, check_required, check_reward_fn
 
 OPTIMIZERS = ("rmsprop", "adamw")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 @dataclass
@@ -91,6 +92,10 @@ class TrainConfig:
     mixed_precision: str = "no"
     """accelerate autocast: no, bf16 or fp16 (parameters stay in dtype)."""
     gradient_checkpointing: bool = False
+    attn_implementation: str | None = None
+    """The attention kernel the model is loaded with (transformers' attn_implementation): sdpa, eager,
+    flash_attention_2, flash_attention_3 or flex_attention; unset: the model's own default (sdpa where it
+    exists)."""
     disable_dropout: bool = True
     """Set every dropout probability of the policy to 0 (as in the paper's reference implementation)."""
     trust_remote_code: bool = False
@@ -113,6 +118,8 @@ class TrainConfig:
         check_field(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
         check_field(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
         check_field(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", self.mixed_precision, "no, bf16 or fp16")
+        check_field(self.attn_implementation in (None, *ATTN_IMPLEMENTATIONS), "attn_implementation",
+                    self.attn_implementation, f"one of {', '.join(ATTN_IMPLEMENTATIONS)}")
         check_field(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         check_field(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "an integer >= 1")
         check_field(self.batch_size % self.micro_batch_size == 0, "batch_size", self.batch_size,

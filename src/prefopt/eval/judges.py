@@ -360,9 +360,12 @@ class ChatJudge:
         self._api_key = api_key  # only ever placed in the Authorization header
         self._lock = threading.Lock()
         # what identifies the judge in the cache: model, endpoint and the exact instructions -- never the key
+        # and the answer's length limit (a shorter one can cut an answer off), named only when not the default so
+        # that verdicts cached before it was part of the key still count
         self.judge_id = json.dumps({"judge": self.name, "endpoint": self.endpoint,
                                     "instructions": hashlib.sha256((self.template + VERDICT_INSTRUCTION).encode())
-                                    .hexdigest()}, sort_keys=True)
+                                    .hexdigest(), **({"max_tokens": max_tokens} if max_tokens != 512 else {})},
+                                   sort_keys=True)
 
     def __repr__(self) -> str:
         return f"ChatJudge({self.name!r}, endpoint={self.endpoint!r})"

@@ -302,7 +302,10 @@ class Checkpointer:
         self.output_dir, self.keep = output_dir, keep
         self._verified: set[Path] = set()  # checkpoints this run wrote or checked: not hashed again
 
-    def save(self, step: int, accelerator: Accelerator, model, optimizer, scheduler, extra: dict) -> Path:
+    def save(self, step: int, accelerator: Accelerator, model, optimizer, scheduler, extra: dict,
+             files: Callable[[Path], None] | None = None) -> Path:
+        """``files(folder)``: a method's own files (every rank calls it: it may gather; the main process writes),
+        written into the checkpoint before its manifest."""
         final = self.output_dir / "checkpoints" / f"step-{step:07d}"
         if final in self._verified and final.is_dir():  # this step boundary is saved already
             return final
@@ -337,6 +340,8 @@ class Checkpointer:
             _test_pause_in_save(step)
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         accelerator.wait_for_everyone()
+        if files is not None:
+            files(tmp)
         rank = accelerator.process_index
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():

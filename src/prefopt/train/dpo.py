@@ -168,15 +168,28 @@ class DPO:
         return state
 
     def load_state_dict(self, state: dict[str, Any], model: torch.nn.Module, accelerator: Accelerator) -> None:
-        """On resume. The moving reference's weights are not in a checkpoint: a resumed TR-DPO run restarts it
-        from the resumed policy (a hard sync), exact when the checkpoint's step was a hard-sync step."""
+        """On resume (the moving reference's weights: ``load_files``)."""
         if self.reward_shift is not None and "bco_reward_shift" in state:
             self.reward_shift.load_state_dict(state["bco_reward_shift"])
         if self.ref_sync is not None:
-            self.ref_sync.sync(accelerator.unwrap_model(model), mix=1.0)
             self.ref_sync.synced_at = state.get("ref_synced_at", 0)
-            accelerator.print("ref_sync_every: the reference restarts from the resumed policy (its weights are not "
-                              "part of a checkpoint)")
+
+    def save_files(self, folder: Path, model: torch.nn.Module, accelerator: Accelerator) -> None:
+        """TR-DPO: the moving reference's weights go into each checkpoint, so a resumed run continues with the
+        reference an uninterrupted one has."""
+        if self.ref_sync is not None:
+            self.ref_sync.save(folder / ReferenceSync.FILE, accelerator)
+
+    def load_files(self, folder: Path, model: torch.nn.Module, accelerator: Accelerator) -> None:
+        if self.ref_sync is None:
+            return
+        if (folder / ReferenceSync.FILE).is_file():
+            self.ref_sync.load(folder / ReferenceSync.FILE)
+            return
+        # a checkpoint written before the reference was part of one: restart it from the resumed policy
+        self.ref_sync.sync(accelerator.unwrap_model(model), mix=1.0)
+        accelerator.print(f"ref_sync_every: {folder} holds no reference weights; the reference restarts from the "
+                          "resumed policy (exact only if that step was a hard-sync step)")
 
 
 class RewardShift:
@@ -237,6 +250,46 @@ class ReferenceSync:
                     p.copy_(q)
                 else:
                     p.mul_(1.0 - mix).add_(q, alpha=mix)
+
+    FILE = "reference.safetensors"
+
+    def _full_state(self) -> dict[str, Tensor]:
+        """The reference's whole state (a collective when it is sharded: every rank calls it), on CPU."""
+        if any(hasattr(p, "full_tensor") for p in self.reference.parameters()):  # FSDP2
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.reference, options=StateDictOptions(full_state_dict=True,
+                                                                                 cpu_offload=True))
+        state, seen = {}, set()
+        for k, v in self.reference.state_dict().items():
+            if v.untyped_storage().data_ptr() in seen:  # a tied weight: written once, re-tied on load
+                continue
+            seen.add(v.untyped_storage().data_ptr())
+            state[k] = v.detach().cpu().contiguous()
+        return state
+
+    def save(self, path: Path, accelerator: Accelerator) -> None:
+        sharded = any(hasattr(p, "full_tensor") for p in self.reference.parameters())
+        if not (sharded or accelerator.is_main_process):
+            return  # nothing to gather: only the main process reads and writes
+        state = self._full_state()
+        if accelerator.is_main_process:  # sharded: a gathered tied weight may come back under both names
+            save_file({k: v.contiguous().clone() if sharded else v for k, v in state.items()}, str(path))
+
+    def load(self, path: Path) -> None:
+        state = load_file(str(path))
+        if any(hasattr(p, "full_tensor") for p in self.reference.parameters()):  # FSDP2: sharded as it loads
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.reference, state, options=StateDictOptions(full_state_dict=True))
+            return
+        missing, unexpected = self.reference.load_state_dict(state, strict=False)
+        tied = set(getattr(self.reference, "_tied_weights_keys", None) or [])
+        if [k for k in missing if k not in tied] or unexpected:
+            raise ConfigError(f"resume: {path} does not match this run's reference model (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}): resume with the reference the run was started with")
+        if hasattr(self.reference, "tie_weights"):
+            self.reference.tie_weights()
 
     def after_step(self, policy: torch.nn.Module, step: int) -> None:
         if step % self.every == 0:
@@ -494,6 +547,9 @@ def train_dpo(cfg: DPOConfig, accelerator: Accelerator | None = None) -> dict[st
         # the key holds everything that can change the numbers: weights, precision and the log-prob mode
         model_key = model_fingerprint(run.reference if run.reference is not None else policy)
         model_key += f"|{cfg.dtype}|{cfg.mixed_precision}|{mode.key}"
+        kernel = getattr(unwrap_model(policy).config, "_attn_implementation", None)
+        if kernel not in (None, "sdpa"):  # another attention kernel rounds differently (sdpa: as keys before)
+            model_key += f"|attn={kernel}"
         if deepspeed_weights(accelerator) != "float32":  # the engine's 16-bit weights, not autocast: other numbers
             model_key += f"|deepspeed {deepspeed_weights(accelerator)} weights"
         if cfg.ld_alpha is not None:

@@ -67,7 +67,9 @@ class StepResult:
 class Method(Protocol):
     """Optional hooks ``train()`` calls when a method has them: ``end_of_step(model, accelerator, step, sums)``
     after each optimizer step (``sums``: the step's ``MetricSums`` over its examples on every process),
-    ``state_dict()`` (saved in each checkpoint) and ``load_state_dict(state, model, accelerator)`` on resume."""
+    ``state_dict()`` (saved in each checkpoint) and ``load_state_dict(state, model, accelerator)`` on resume;
+    ``save_files(folder, model, accelerator)`` (every rank; tensors of its own into each checkpoint folder) and
+    ``load_files(folder, model, accelerator)`` on resume, after ``load_state_dict``."""
 
     unit: str  # what an example is called in throughput metrics: "pairs", "examples", ...
 
@@ -344,6 +346,8 @@ class Run:
         self.output_dir = Path(cfg.output_dir)
         self.total_steps, self.summary_keys = total_steps, tuple(summary_keys)
         self._checkpoint_state = checkpoint_state
+        self.checkpoint_files: Callable[[Path], None] | None = None
+        """A method's own files for each checkpoint (``Checkpointer.save``'s ``files``)."""
         self._check_output_dir()
         self.checkpointer = Checkpointer(self.output_dir, cfg.keep_checkpoints)
         self.resumed_from, self.state = resume_from(cfg, self.output_dir, accelerator, model, optimizer, scheduler)
@@ -449,7 +453,7 @@ class Run:
         return self.checkpointer.save(self.step, self.accelerator, self.model, self.optimizer, self.scheduler,
                                       {"total_steps": self.total_steps, "nonfinite_skips": self.nonfinite_skips,
                                        "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                                       **self._checkpoint_state(self.step)})
+                                       **self._checkpoint_state(self.step)}, files=self.checkpoint_files)
 
     def stop_on_interrupt(self) -> StopOnSignal:
         """The context the step loop runs in: SIGINT/SIGTERM stop at the next step boundary with a checkpoint."""
@@ -583,8 +587,12 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module, method: Method, train_ite
                                                    **(train_items.state(step) if streamed else {})},
                     after_prepare=after_prepare)
     model = run.model
+    if hasattr(method, "save_files"):  # a method's own files in each checkpoint (e.g. a moving reference)
+        run.checkpoint_files = lambda folder: method.save_files(folder, model, accelerator)
     if run.resumed_from is not None and hasattr(method, "load_state_dict"):
         method.load_state_dict(run.state.get("method", {}), model, accelerator)
+    if run.resumed_from is not None and hasattr(method, "load_files"):
+        method.load_files(run.resumed_from, model, accelerator)
     if run.resumed_from is not None and streamed:
         train_items.restore(run.state)  # the stream continues at the row after the checkpoint's step
     end_of_step = getattr(method, "end_of_step", None)  # called after each optimizer step (see Method)

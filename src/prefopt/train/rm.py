@@ -27,7 +27,7 @@ from ..data.table import response_counts
 from ..errors import ConfigError
 from ..logprobs import split_responses
 from ..models import (DTYPES, apply_lora, disable_dropout, enable_gradient_checkpointing, load_tokenizer,
-                      quiet_progress_bars)
+                      load_with_attention, quiet_progress_bars)
 from ..rewards import sequence_rewards
 from .loop import StepResult, train
 from .sharding import use_engine
@@ -80,8 +80,8 @@ class RewardModeling:
 # Models
 
 
-def build_reward_model(path: str, tokenizer: Any, *, dtype: str = "float32", trust_remote_code: bool = False
-                       ) -> torch.nn.Module:
+def build_reward_model(path: str, tokenizer: Any, *, dtype: str = "float32", trust_remote_code: bool = False,
+                       attn_implementation: str | None = None) -> torch.nn.Module:
     """A sequence-classification model with one output from a causal LM (or reward model) checkpoint.
 
     The head is new (randomly initialised, seeded by the caller) unless the checkpoint already has one.
@@ -89,8 +89,9 @@ def build_reward_model(path: str, tokenizer: Any, *, dtype: str = "float32", tru
     from transformers import AutoModelForSequenceClassification
 
     with quiet_progress_bars():
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=1, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True)
+        model = load_with_attention(AutoModelForSequenceClassification.from_pretrained, path, attn_implementation,
+                                    num_labels=1, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                    use_safetensors=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
@@ -109,7 +110,8 @@ def train_rm(cfg: RMConfig, accelerator: Accelerator | None = None) -> dict[str,
     ks = response_counts(train_items, eval_items)
     if len(ks) > 1:
         raise ConfigError(f"every example must have the same number of responses; found {sorted(ks)}.")
-    model = build_reward_model(cfg.model, tokenizer, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    model = build_reward_model(cfg.model, tokenizer, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                               attn_implementation=cfg.attn_implementation)
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.gradient_checkpointing:

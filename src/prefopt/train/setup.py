@@ -140,15 +140,16 @@ def load_policy(cfg: TrainConfig, *, with_reference: bool, ref_model: str | None
         warnings.warn(f"dtype={cfg.dtype} trains the weights themselves in {cfg.dtype}: updates much smaller than a "
                       "weight (e.g. at lr 1e-6) round away and most weights never change. For full fine-tuning "
                       "use --dtype float32 --mixed-precision bf16; low-precision weights suit --lora.", stacklevel=2)
-    model = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                       attn_implementation=cfg.attn_implementation)
     if cfg.disable_dropout:
         disable_dropout(model)
     reference = None
     if with_reference:
         # a model loaded in ZeRO-3 partitions has empty tensors of its own: its copy is loaded again instead
         source = ref_model or (cfg.model if is_partitioned(model) else None)
-        reference = make_reference(model, source, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code) \
-            if source else make_reference(model)
+        reference = make_reference(model, source, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                                   attn_implementation=cfg.attn_implementation) if source else make_reference(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.lora:
