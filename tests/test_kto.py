@@ -261,3 +261,33 @@ def test_conversational_unpaired_rows_tokenize_as_preference_data(tiny):
     assert [ex.meta["label"] for ex in ours] == [True, False]
     with pytest.raises(DataError, match="both be strings or both message lists"):
         load_unpaired([dict(prompt="text", completion=good, label=True)])
+
+
+def test_labelled_feedback_is_prepared_and_cached_like_preference_data(tiny, tmp_path, monkeypatch):
+    """prepare_data(kind="unpaired"): unpaired rows and preference pairs (two examples a row) in one table, the
+    same ids, labels and sources as tokenize_unpaired, in the file's order also when worker processes tokenize
+    chunks; a rerun maps the cached table; another label is another table."""
+    import prefopt.data.prepare as prepare
+    from prefopt.data import write_jsonl
+    from prefopt.data.prepare import prepare_data
+
+    model_dir, tok = tiny
+    rows = [dict(prompt=f"q{i}", completion=f" answer {i}", label=i % 3 == 0) for i in range(70)]
+    pairs = [dict(prompt=f"p{i}", chosen=f" good {i}", rejected=f" bad {i}") for i in range(30)]
+    path = write_jsonl(rows, tmp_path / "feedback.jsonl")
+    monkeypatch.setattr(prepare, "CHUNK", 16)  # several chunks, so the workers run
+    for source, n in ((path, 70), (write_jsonl(pairs, tmp_path / "pairs.jsonl"), 60)):
+        expected, _ = tokenize_unpaired(load_unpaired(str(source))[0], tok, max_length=64)
+        prepared = prepare_data(str(source), tok, kind="unpaired", max_length=64, num_proc=2,
+                                cache_dir=tmp_path / "c", progress=False)
+        assert not prepared.cached and len(prepared.table) == len(expected) == n
+        assert [(e.prompt_ids, e.response_ids, e.meta["label"], e.source) for e in prepared.table] == \
+            [(e.prompt_ids, e.response_ids, e.meta["label"], e.source) for e in expected]
+        assert prepared.table.labels().tolist() == [e.meta["label"] for e in expected]
+    first = prepare_data(str(path), tok, kind="unpaired", max_length=64, cache_dir=tmp_path / "c", progress=False)
+    again = prepare_data(str(path), tok, kind="unpaired", max_length=64, cache_dir=tmp_path / "c", progress=False)
+    assert again.cached and again.table.digest == first.table.digest
+    rows[0]["label"] = not rows[0]["label"]
+    flipped = prepare_data(str(write_jsonl(rows, tmp_path / "flipped.jsonl")), tok, kind="unpaired", max_length=64,
+                           cache_dir=tmp_path / "c", progress=False)
+    assert flipped.table.digest != first.table.digest  # the labels are part of the content

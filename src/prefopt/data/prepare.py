@@ -44,7 +44,7 @@ from .table import TableWriter, TokenizedTable, record_batch
 from .tokenize import SpecialTokens, TokenizeReport, end_token_ids, tokenize_batch
 from .validation import ValidationReport
 
-PREPARE_VERSION = 2
+PREPARE_VERSION = 3
 """Part of every cache key: raise it when a change to reading or tokenization can change the ids."""
 
 CHUNK = 512
@@ -156,11 +156,15 @@ def _tokenize_chunk(examples: list) -> tuple[Any, int, list[str]]:
 
 def chunk_tokenizer(kind: str, tokenizer: Any, max_length: int | None, max_prompt_length: int | None
                     ) -> Callable[[list], list]:
-    """``examples -> [TokenizedExample | None]`` for one kind of data ("preferences" or "sft")."""
+    """``examples -> [TokenizedExample | None]`` for one kind of data ("preferences", "sft" or "unpaired")."""
     sp = SpecialTokens.of(tokenizer)
     if kind == "preferences":
         return lambda exs: tokenize_batch(exs, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
                                           specials=sp)
+    if kind == "unpaired":
+        from .unpaired import tokenize_labelled
+
+        return lambda exs: [tokenize_labelled(ex, tokenizer, sp, max_length, max_prompt_length) for ex in exs]
     from .sft import _tokenize_sft
 
     return lambda exs: [_tokenize_sft(ex, tokenizer, sp, max_length, max_prompt_length) for ex in exs]
@@ -263,6 +267,10 @@ def prepare_data(path: Any, tokenizer: Any, *, kind: str = "preferences", from_p
         from .sft import sft_reader
 
         detect, convert, key_of = sft_reader(format, from_preferences, len(tokenizer), end_token_ids(tokenizer))
+    elif kind == "unpaired":  # labelled feedback (KTO): a row gives one example, a preference pair two
+        from .unpaired import unpaired_reader
+
+        detect, convert, key_of = unpaired_reader(format)
     else:
         raise ValueError(f"unknown data kind {kind!r}")
     options = {"kind": kind, "from_preferences": from_preferences, "format": format, "split": split,
@@ -312,8 +320,11 @@ def prepare_data(path: Any, tokenizer: Any, *, kind: str = "preferences", from_p
                 bar.update(check.rows - bar.n)
                 if check.first_error is not None and not skip_bad:
                     continue  # the run stops at the end of the read: only validate the rest
-                chunk.append(ex)
-                if len(chunk) == CHUNK:
+                if kind == "unpaired":
+                    chunk.extend(ex)  # the row's examples
+                else:
+                    chunk.append(ex)
+                if len(chunk) >= CHUNK:
                     collect(workers.submit(chunk))
                     chunk = []
             bar.update(check.rows - bar.n)

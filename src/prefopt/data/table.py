@@ -8,8 +8,9 @@ on disk; every process maps the same file, the operating system shares and pages
 sequence of ``TokenizedExample``: the loop, the collate functions and the layouts index it as they would a list.
 
 Columns (``SCHEMA``): ``prompt_ids`` (BOS included), ``response_ids`` (K lists, best first), ``source``
-(``file:line``, for error messages), ``truncated``, and ``loss_mask`` (the per-token loss mask of a multi-turn
-SFT example, null otherwise).
+(``file:line``, for error messages), ``truncated``, ``loss_mask`` (the per-token loss mask of a multi-turn
+SFT example, null otherwise) and ``label`` (labelled feedback for KTO: true for a desirable completion, null
+otherwise).
 
 Views: ``select(indices)`` (the eval hold-out and the rest) and ``chain(a, b)`` share the mapped file. Reference
 log-probs precomputed for a view are kept beside it as one [N, K] float tensor (``with_reference``), never as
@@ -36,6 +37,7 @@ SCHEMA = pa.schema([
     ("source", pa.string()),
     ("truncated", pa.bool_()),
     ("loss_mask", pa.list_(pa.bool_())),
+    ("label", pa.bool_()),
 ])
 
 
@@ -47,6 +49,7 @@ def record_batch(items: Sequence[TokenizedExample]) -> pa.RecordBatch:
         pa.array([ex.source for ex in items], type=pa.string()),
         pa.array([bool(ex.meta.get("truncated", False)) for ex in items], type=pa.bool_()),
         pa.array([ex.meta.get("loss_mask") for ex in items], type=SCHEMA.field("loss_mask").type),
+        pa.array([ex.meta.get("label") for ex in items], type=pa.bool_()),
     ], schema=SCHEMA)
 
 
@@ -63,7 +66,10 @@ class TableWriter:
     def write(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows == 0:
             return
-        for name in ("prompt_ids", "response_ids"):
+        names = ["prompt_ids", "response_ids"]
+        if batch.column("label").null_count < batch.num_rows:  # labelled feedback (KTO): the labels are content
+            names.append("label")
+        for name in names:
             for buf in batch.column(name).buffers():
                 if buf is not None:
                     self._hash.update(buf)
@@ -95,6 +101,8 @@ class _Chunk:
         self.truncated = batch.column("truncated").to_numpy(zero_copy_only=False)
         self.loss_mask = batch.column("loss_mask")
         self.has_mask = self.loss_mask.null_count < len(self.loss_mask)
+        self.label = batch.column("label")
+        self.has_label = self.label.null_count < len(self.label)
 
     def row(self, i: int) -> TokenizedExample:
         prompt = self.p_val[self.p_off[i]:self.p_off[i + 1]].tolist()
@@ -103,6 +111,8 @@ class _Chunk:
         meta: dict[str, Any] = {"truncated": bool(self.truncated[i])}
         if self.has_mask and self.loss_mask[i].is_valid:
             meta["loss_mask"] = self.loss_mask[i].as_py()
+        if self.has_label and self.label[i].is_valid:
+            meta["label"] = self.label[i].as_py()
         return TokenizedExample(prompt, responses, source=self.source[i].as_py(), meta=meta)
 
     def response_counts(self) -> np.ndarray:
@@ -170,6 +180,13 @@ class TokenizedTable(Sequence):
         if len(logps) != len(self):
             raise ValueError(f"{len(logps)} rows of reference log-probs for {len(self)} examples")
         return self._view(self.indices, logps)
+
+    def labels(self) -> np.ndarray:
+        """The rows' labels (labelled feedback: True desirable) as a bool array, without building the examples."""
+        values = np.concatenate([c.label.to_numpy(zero_copy_only=False) for c in self._chunks]) if self._chunks \
+            else np.zeros(0, bool)
+        values = values.astype(bool)  # a null (no label) counts False
+        return values if self.indices is None else values[self.indices]
 
     def response_counts(self) -> set[int]:
         """The distinct numbers of responses per example (K), without building the examples."""

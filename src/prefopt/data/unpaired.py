@@ -105,19 +105,21 @@ def load_unpaired(path: Any, *, format: str = "auto", split: str | None = None, 
     return [ex for group in groups for ex in group], report
 
 
+def tokenize_labelled(ex: UnpairedExample, tokenizer: Any, specials: SpecialTokens, max_length: int | None,
+                      max_prompt_length: int | None) -> TokenizedExample | None:
+    """One labelled completion (one response; ``meta["label"]``), or None when it cannot fit."""
+    tok = tokenize_example(PreferenceExample(ex.prompt, [ex.completion], ex.source), tokenizer,
+                           max_length=max_length, max_prompt_length=max_prompt_length, specials=specials)
+    if tok is not None:
+        tok.meta["label"] = ex.label
+    return tok
+
+
 def tokenize_unpaired(examples: Sequence[UnpairedExample], tokenizer: Any, *, max_length: int | None = None,
                       max_prompt_length: int | None = None) -> tuple[list[TokenizedExample], TokenizeReport]:
     """Tokenize labelled completions (one response each; ``meta["label"]``); rows that cannot fit are dropped."""
     sp = SpecialTokens.of(tokenizer)
-
-    def one(ex: UnpairedExample) -> TokenizedExample | None:
-        tok = tokenize_example(PreferenceExample(ex.prompt, [ex.completion], ex.source), tokenizer,
-                               max_length=max_length, max_prompt_length=max_prompt_length, specials=sp)
-        if tok is not None:
-            tok.meta["label"] = ex.label
-        return tok
-
-    return tokenize_all(examples, one)
+    return tokenize_all(examples, lambda ex: tokenize_labelled(ex, tokenizer, sp, max_length, max_prompt_length))
 
 
 KL_PREFIX = "kl_"

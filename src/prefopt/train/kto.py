@@ -26,14 +26,13 @@ from accelerate.utils import set_seed
 
 from .. import losses as L
 from ..config import KTOConfig
-from ..data.unpaired import collate_kto, kl_batch, load_unpaired, main_batch, tokenize_unpaired
-from ..errors import ConfigError
+from ..data.unpaired import collate_kto, kl_batch, main_batch
 from ..logprobs import LogpsFn, forward_logps
 from ..models import load_tokenizer
 from .dpo import ReferenceFn, adapter_reference, live_reference
 from .sharding import configure_deepspeed, describe, place_reference, shard_policy, use_engine
 from .loop import StepResult, train
-from .setup import load_policy, resolve_length_limits, save_model_and_tokenizer
+from .setup import load_policy, load_preference_items, save_model_and_tokenizer
 
 KTO_SUMMARY_KEYS = ("loss", "kl", "rewards")
 
@@ -72,31 +71,13 @@ class KTO:
 
 
 def load_kto_items(cfg: KTOConfig, tokenizer: Any, accelerator: Accelerator):
-    """Train and eval completions, read and tokenized (``data.unpaired``), with the load reports printed."""
-
-    def load(path: str, what: str):
-        examples, report = load_unpaired(path, format=cfg.data_format, split=cfg.split, skip_bad=cfg.skip_bad_rows)
-        accelerator.print(f"{what}: {report.summary()}")
-        items, tok_report = tokenize_unpaired(examples, tokenizer, max_length=cfg.max_length,
-                                              max_prompt_length=cfg.max_prompt_length)
-        if tok_report.truncated or tok_report.dropped:
-            accelerator.print(f"{what}: {tok_report.summary()}")
-        if not items:
-            raise ConfigError(f"{what}: no usable examples in {path}.")
-        good = sum(ex.meta["label"] for ex in items)
-        accelerator.print(f"{what}: {len(items)} completions, {good} desirable, {len(items) - good} undesirable")
-        return items
-
-    train_items = load(cfg.data, "train data")
-    eval_items: list = []
-    if cfg.eval_data:
-        eval_items = load(cfg.eval_data, "eval data")
-    elif cfg.eval_fraction > 0:
-        g = torch.Generator().manual_seed(cfg.seed)
-        order = torch.randperm(len(train_items), generator=g).tolist()
-        held = set(order[:max(1, round(cfg.eval_fraction * len(order)))])
-        eval_items = [ex for i, ex in enumerate(train_items) if i in held]
-        train_items = [ex for i, ex in enumerate(train_items) if i not in held]
+    """Train and eval completions as memory-mapped tables, prepared and cached like preference data
+    (``setup.load_preference_items`` with kind "unpaired"); the label counts printed."""
+    train_items, eval_items = load_preference_items(cfg, tokenizer, accelerator, kind="unpaired")
+    for what, items in (("train data", train_items), ("eval data", eval_items)):
+        if len(items):
+            good = int(items.labels().sum())
+            accelerator.print(f"{what}: {len(items)} completions, {good} desirable, {len(items) - good} undesirable")
     return train_items, eval_items
 
 
@@ -106,12 +87,8 @@ def train_kto(cfg: KTOConfig, accelerator: Accelerator | None = None) -> dict[st
     accelerator = use_engine(accelerator or Accelerator(mixed_precision=cfg.mixed_precision))
     configure_deepspeed(accelerator, cfg)  # before a reference engine is built from its config
     set_seed(cfg.seed)
-    from .checkpoints import refuse_used_output_dir
-
-    refuse_used_output_dir(cfg)
-    resolve_length_limits(cfg, accelerator.print)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    train_items, eval_items = load_kto_items(cfg, tokenizer, accelerator)
+    train_items, eval_items = load_kto_items(cfg, tokenizer, accelerator)  # checks output_dir and length limits
     policy, ref_model = load_policy(cfg, with_reference=not cfg.lora or bool(cfg.ref_model), ref_model=cfg.ref_model)
     policy = shard_policy(policy, accelerator)  # FSDP2: sharded before any pass (as for DPO)
     if ref_model is not None:

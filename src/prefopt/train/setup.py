@@ -75,8 +75,9 @@ def load_preference_items(cfg: TrainConfig, tokenizer: Any, accelerator: Acceler
     (``data.prepare``): read from the cache when it holds them, else prepared by the local main process of each
     node while the other processes wait, then mapped by all.
 
-    kind: "preferences" (K >= 2 ranked responses) or "sft" (one target response each, see data/sft.py; with
-    ``from_preferences``, the chosen responses of preference data).
+    kind: "preferences" (K >= 2 ranked responses), "sft" (one target response each, see data/sft.py; with
+    ``from_preferences``, the chosen responses of preference data) or "unpaired" (labelled completions for KTO,
+    see data/unpaired.py).
     """
 
     refuse_used_output_dir(cfg)
@@ -108,6 +109,9 @@ def load_preference_items(cfg: TrainConfig, tokenizer: Any, accelerator: Acceler
                           f"({prepared.location}" + ("; --no-data-cache skips the cache)" if cache else ")"))
         return prepared.table
 
+    if cfg.streaming and kind == "unpaired":
+        raise ConfigError("streaming is not built for labelled feedback (KTO) yet: leave --streaming off (the data "
+                          "is prepared once into a memory-mapped table and cached, which scales to millions of rows).")
     if cfg.streaming:
         from ..data.stream import StreamedExamples
 
