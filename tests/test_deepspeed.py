@@ -103,9 +103,11 @@ def test_zero_dpo_live_reference_equals_one_process(stage, tiny_model_dir, synth
 
 
 @pytest.mark.slow
-def test_zero3_sft_and_kto_equal_one_process(tiny_model_dir, synthetic_pairs, tmp_path):
+def test_zero3_sft_kto_and_rm_equal_one_process(tiny_model_dir, synthetic_pairs, tmp_path):
+    """The other methods on the one loop: SFT, KTO (live reference engine) and the reward model (a new score head,
+    initialised in ZeRO-3 partitions as in one process)."""
     for i, (command, extra, keys) in enumerate((("sft", ["--from-preferences"], ("loss",)),
-                                                ("kto", [], ("loss",)))):
+                                                ("kto", [], ("loss",)), ("rm", [], ("loss", "accuracy")))):
         args = dpo_args(tiny_model_dir, synthetic_pairs, "--max-steps", "3", *extra, command=command)
         assert main(args + ["--output-dir", str(tmp_path / f"{command}1")]) == 0
         launch([*args, "--output-dir", str(tmp_path / f"{command}2")], stage=3, port=29830 + i)
