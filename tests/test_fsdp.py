@@ -443,3 +443,22 @@ def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_and_resumes(fsdp, 
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["resumed_from"] == step
     logged, weights = max_diffs(tmp_path / "one", tmp_path / "run", ("loss", "rewards/margins"))
     assert logged < 1e-5 and weights < 1e-5, (logged, weights)
+
+
+@needs_torchrun
+@pytest.mark.slow
+def test_fsdp2_moving_reference_equals_one_process_and_resumes(tiny_model_dir, synthetic_pairs, tmp_path):
+    """TR-DPO (soft update every 2 steps) under FSDP2: the sharded reference is mixed shard by shard, gathered
+    into each checkpoint, and a run resumed at step 3 (between syncs) ends as one uninterrupted process."""
+    args = dpo_args(tiny_model_dir, synthetic_pairs, "--max-steps", "6", "--precompute-ref", "false",
+                    "--ref-sync-every", "2", "--ref-sync-mix", "0.5", "--log-every", "1")
+    assert main(args + ["--output-dir", str(tmp_path / "one")]) == 0
+    launch(["-m", "prefopt.cli", *args, "--save-every", "3", "--output-dir", str(tmp_path / "two")], port=29564)
+    ckpt = tmp_path / "two" / "checkpoints" / "step-0000003"
+    assert (ckpt / "reference.safetensors").is_file()
+    logged, weights = max_diffs(tmp_path / "one", tmp_path / "two", ("loss", "rewards/margins"))
+    assert logged < 1e-5 and weights < 1e-5, (logged, weights)
+    run = interrupted_at(ckpt, tmp_path / "resumed")
+    launch(["-m", "prefopt.cli", *args, "--output-dir", str(run), "--resume", "auto"], port=29565)
+    logged, weights = max_diffs(tmp_path / "one", run, ("loss", "rewards/margins"))
+    assert logged < 1e-5 and weights < 1e-5, (logged, weights)

@@ -31,8 +31,8 @@ from ..logprobs import LogpsFn, LogpsMode, ResponseLogps, forward_logps, split_r
 from ..models import evaluating, model_fingerprint, reference_mode, unwrap_model
 from ..packing import check_layout_support
 from .loop import StepResult, micro_batches, to_device, train
-from .sharding import (configure_deepspeed, deepspeed_weights, describe, is_deepspeed, lockstep_chunks, place_reference, shard_policy,
-                       use_engine)
+from .sharding import (configure_deepspeed, deepspeed_weights, describe, is_deepspeed, lockstep_chunks, place_reference, reshard,
+                       shard_policy, use_engine)
 from .setup import load_run_inputs, save_model_and_tokenizer
 
 ReferenceFn = Callable[[torch.nn.Module, dict], Tensor]
@@ -239,6 +239,10 @@ class ReferenceSync:
 
     def sync(self, policy: torch.nn.Module, mix: float | None = None) -> None:
         mix = self.mix if mix is None else mix
+        # FSDP2: a module that ran a forward without backward keeps some weights gathered (plain tensors beside
+        # the other's shards); as shards on both sides the mix is shard by shard, on every rank
+        reshard(self.reference)
+        reshard(policy)
         src = dict(unwrap_model(policy).named_parameters())
         with torch.no_grad():
             for name, p in self.reference.named_parameters():
@@ -257,6 +261,8 @@ class ReferenceSync:
         """The reference's whole state (a collective when it is sharded: every rank calls it), on CPU."""
         if any(hasattr(p, "full_tensor") for p in self.reference.parameters()):  # FSDP2
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            reshard(self.reference)
 
             return get_model_state_dict(self.reference, options=StateDictOptions(full_state_dict=True,
                                                                                  cpu_offload=True))
