@@ -190,14 +190,17 @@ def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
 
         set_peft_model_state_dict(model, state)
         return
+    load_state_into(model, state, f"checkpoint {directory}")
+
+
+def load_state_into(model: torch.nn.Module, state: dict[str, Tensor], what: str) -> None:
+    """``state`` into ``model`` in place, every key matching but tied weights (re-tied after); a RuntimeError
+    naming ``what`` otherwise."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
-        tied = set(model._tied_weights_keys)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])  # a list, or a dict keyed by the tied names
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {directory} does not match the model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+        raise RuntimeError(f"{what} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
 

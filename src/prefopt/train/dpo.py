@@ -30,7 +30,8 @@ from ..errors import ConfigError
 from ..logprobs import LogpsFn, LogpsMode, ResponseLogps, forward_logps, split_responses
 from ..models import evaluating, model_fingerprint, reference_mode, unwrap_model
 from ..packing import check_layout_support
-from .loop import StepResult, micro_batches, to_device, train
+from .checkpoints import load_state_into
+from .loop import StepResult, to_device, train
 from .sharding import (configure_deepspeed, deepspeed_weights, describe, is_deepspeed, lockstep_chunks, place_reference, reshard,
                        shard_policy, use_engine)
 from .setup import load_run_inputs, save_model_and_tokenizer
@@ -289,13 +290,10 @@ class ReferenceSync:
 
             set_model_state_dict(self.reference, state, options=StateDictOptions(full_state_dict=True))
             return
-        missing, unexpected = self.reference.load_state_dict(state, strict=False)
-        tied = set(getattr(self.reference, "_tied_weights_keys", None) or [])
-        if [k for k in missing if k not in tied] or unexpected:
-            raise ConfigError(f"resume: {path} does not match this run's reference model (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}): resume with the reference the run was started with")
-        if hasattr(self.reference, "tie_weights"):
-            self.reference.tie_weights()
+        try:
+            load_state_into(self.reference, state, f"resume: {path}")
+        except RuntimeError as e:  # e.g. resumed with another --ref-model
+            raise ConfigError(f"{e}: resume with the reference model the run was started with") from e
 
     def after_step(self, policy: torch.nn.Module, step: int) -> None:
         if step % self.every == 0:
