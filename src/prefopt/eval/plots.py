@@ -18,6 +18,18 @@ def _finite(x: Any) -> float:
     return float(x) if isinstance(x, (int, float)) and not math.isnan(x) else 0.0
 
 
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay ``fig`` out, write it to ``path`` (making its folder) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_win_rates(lines: Sequence[dict[str, Any]], path: str | Path, *, title: str,
                    xlabel: str = "sampling temperature", ylabel: str = "win rate (ties count half)",
                    size: tuple[float, float] = (7.0, 4.5), dpi: int = 100, legend_outside: bool = False,
@@ -54,12 +66,7 @@ def plot_win_rates(lines: Sequence[dict[str, Any]], path: str | Path, *, title: 
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     else:
         ax.legend(loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_reward_vs_kl(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str = "Reward vs KL",
@@ -101,12 +108,7 @@ def plot_reward_vs_kl(rows: Sequence[dict[str, Any]], path: str | Path, *, title
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # Training curves ------------------------------------------------------------------------------------------------
@@ -245,11 +247,7 @@ def plot_training_curves(run_dirs: Sequence[str | Path], output_dir: str | Path,
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"{stem}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out_dir / f"{stem}.png"))
     return written
 
 

@@ -554,8 +554,9 @@ def train_dpo(cfg: DPOConfig, accelerator: Accelerator | None = None) -> dict[st
         kernel = getattr(unwrap_model(policy).config, "_attn_implementation", None)
         if kernel not in (None, "sdpa"):  # another attention kernel rounds differently (sdpa: as keys before)
             model_key += f"|attn={kernel}"
-        if deepspeed_weights(accelerator) != "float32":  # the engine's 16-bit weights, not autocast: other numbers
-            model_key += f"|deepspeed {deepspeed_weights(accelerator)} weights"
+        weights = deepspeed_weights(accelerator)
+        if weights != "float32":  # the DeepSpeed engine's 16-bit weights, not autocast: other numbers
+            model_key += f"|deepspeed {weights} weights"
         if cfg.ld_alpha is not None:
             model_key += f"|ld_alpha={cfg.ld_alpha}"
         all_items = Chain(run.train_items, run.eval_items)
